@@ -1,0 +1,265 @@
+"""One frozen dataclass tree for every stage.
+
+YAML files hold only overrides of the defaults below; ``a.b=c`` CLI overrides go on top. Unknown keys,
+wrong types and inconsistent values raise :class:`UserError` naming the key (and the closest valid one).
+The resolved tree (``to_dict``) is saved beside every output so a run can be reproduced and resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from apo_ray.errors import UserError
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    task: str = "lift"
+    scenario: str = "nominal"
+    """A scenario name or a composition like ``position+texture``."""
+    image_size: int = 64
+    """Square agentview RGB size in pixels (64..224)."""
+    horizon: int = 0
+    """Max control steps per episode; 0 = the task's default."""
+    camera: bool = True
+    cheap_render: bool = True
+    """Drop reflections/shadows/MSAA and size the offscreen buffer to the image (3x faster on CPU)."""
+
+
+@dataclass(frozen=True)
+class CorrectorConfig:
+    enabled: bool = True
+    deviation_threshold: float = 0.6
+    """Mean |a_policy - a_oracle| over the 3 translation dims that counts as deviating."""
+    deviation_steps: int = 6
+    """Consecutive deviating steps inside a critical phase before the corrector takes over."""
+    no_progress_steps: int = 25
+    """Steps without progress towards the current subgoal before taking over."""
+    reaction_delay: int = 2
+    """Steps between a trigger firing and the corrector acting, like a human's reaction time."""
+    min_control_steps: int = 8
+    """Shortest takeover before control may be handed back."""
+    max_interventions: int = 8
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    policy: str = "oracle"
+    """``oracle``, ``random``, ``noisy-oracle:<p>`` or a checkpoint dir of a trained VLA."""
+    episodes: int = 8
+    workers: int = 2
+    seed: int = 0
+    videos: int = 0
+    round: int = 0
+    envs_per_worker: int = 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    k: int = 5
+    """Policy steps before each intervention start relabelled undesirable (c=0)."""
+    ratios: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    """Per-batch share of the correct / interaction / incorrect pools."""
+    max_abs_action: float = 1.0
+    idle_threshold: float = 0.05
+    """Steps with sum(|a[:6]|) below this are dropped as near-idle."""
+    batch_size: int = 8
+    n_bins: int = 256
+    seed: int = 0
+    rows_per_shard: int = 4096
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "tiny"
+    """``tiny`` (built from transformers configs) or ``hf`` (a local HF VLA directory)."""
+    path: str = ""
+    """For ``hf``: local directory of the pretrained VLA (``trust_remote_code``)."""
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    vision_hidden_size: int = 64
+    vision_layers: int = 2
+    patch_size: int = 16
+    use_proprio: bool = False
+    lora_r: int = 0
+    lora_alpha: int = 16
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    objective: str = "apo"
+    """``apo``, ``kto``, ``dagger``, ``sirius``, ``dpo`` or ``bc``."""
+    lr: float = 1e-4
+    epochs: int = 1
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    micro_batch: int = 8
+    grad_accum: int = 1
+    workers: int = 1
+    zero_stage: int = 0
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    seed: int = 1
+    beta: float = 0.1
+    kl_clamp: float = 5.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    reweight: bool = True
+    beta_d: float = 1.0
+    beta_u: float = 1.0
+    lambda_norm: str = "subset_sum"
+    """``subset_sum`` (the paper's code), ``subset_mean`` (batch-size invariant) or ``batch`` (the paper's text)."""
+    reduction: str = "sum"
+    """``sum`` (the paper's code) or ``mean``."""
+    kl_allreduce: bool = False
+    bc_weight: float = 0.0
+    """Extra NLL on desirable samples (the paper's unused ``bc_weight`` knob)."""
+    checkpoint_every: int = 50
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    episodes: int = 50
+    seed: int = 100_000
+    """First seed of the held-out evaluation list; never overlaps collection seeds."""
+    workers: int = 2
+    videos: int = 0
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    rounds: int = 2
+    demos: int = 50
+    rollouts_per_round: int = 20
+    arms: tuple[str, ...] = ("apo",)
+    scenarios: tuple[str, ...] = ("position",)
+    share_round1: bool = False
+    storage: str = ""
+    """Run-dir storage URI (local path or ``s3://``); empty = the ``--run-dir`` given on the CLI."""
+
+
+@dataclass(frozen=True)
+class Config:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    corrector: CorrectorConfig = field(default_factory=CorrectorConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def validate(self) -> Config:
+        r = self.data.ratios
+        if len(r) != 3 or any(x < 0 for x in r) or abs(sum(r) - 1.0) > 1e-6:
+            raise UserError(f"data.ratios must be 3 non-negative shares summing to 1, got {list(r)} "
+                            f"(sum {sum(r):.3f})", "config data.ratios", "e.g. [0.5, 0.25, 0.25]")
+        if not 64 <= self.env.image_size <= 224:
+            raise UserError(f"env.image_size {self.env.image_size} out of range", "config env.image_size",
+                            "use a value in 64..224")
+        for name in ("k", "batch_size", "rows_per_shard"):
+            if getattr(self.data, name) < (0 if name == "k" else 1):
+                raise UserError(f"data.{name} must be positive", f"config data.{name}", "set a positive integer")
+        return self
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"'{key}' must be a mapping, got {type(value).__name__}", f"config key {key}",
+                            "write it as a YAML mapping")
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise UserError(f"'{key}' must be a list, got {type(value).__name__}", f"config key {key}",
+                            "write it as a YAML list")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise UserError(f"'{key}' needs {len(args)} items, got {len(value)}", f"config key {key}",
+                            f"give exactly {len(args)} values")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise UserError(f"'{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}",
+                        f"config key {key}", f"give a {tp.__name__}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
+            raise UserError(f"unknown config key '{prefix}{key}'", f"config key {prefix}{key}", hint)
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"override '{item}' is not key=value", "command line", "write e.g. train.lr=3e-4")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data).validate()
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``a.b=c`` overrides, validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}", str(p), "pass an existing YAML file, e.g. configs/smoke.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise UserError("config is not valid YAML", where, "fix the YAML syntax") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError("config must be a YAML mapping at top level", str(p), "start the file with section keys")
+        data = loaded
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{item}' descends into a non-mapping", "command line", "check the key path")
+        node[keys[-1]] = value
+    return from_dict(data)
