@@ -1,0 +1,132 @@
+"""Policies behind one interface, so rollout actors never care what is acting.
+
+``act(obs_batch) -> actions`` takes a list of observation dicts (see ``envs.TaskEnv.reset``) and returns a
+(B, 7) float32 array. ``reset(seeds)`` starts new episodes; any randomness is drawn from generators seeded
+by the episode seed, so an episode is a pure function of (task, scenario, seed, policy version).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from apo_ray.errors import UserError
+from apo_ray.schema import ACTION_DIM
+
+POLICY_SPECS = "oracle, random, noisy-oracle:<p> (0<=p<=1), or a trained checkpoint directory"
+
+
+class Policy(Protocol):
+    version: str
+
+    def reset(self, seeds: list[int]) -> None: ...
+
+    def act(self, obs_batch: list[dict]) -> np.ndarray: ...
+
+
+class RandomPolicy:
+    """Uniform actions in [-1, 1]; the sanity floor of every table."""
+
+    version = "random"
+
+    def __init__(self) -> None:
+        self._rngs: list[np.random.Generator] = []
+
+    def reset(self, seeds: list[int]) -> None:
+        self._rngs = [np.random.default_rng([s, 0xA11]) for s in seeds]
+
+    def act(self, obs_batch: list[dict]) -> np.ndarray:
+        return np.stack([r.uniform(-1, 1, ACTION_DIM) for r in self._rngs[: len(obs_batch)]]).astype(np.float32)
+
+
+class OraclePolicy:
+    """The scripted expert acting from privileged state (expert-demo mode)."""
+
+    def __init__(self, task: str) -> None:
+        import envs
+
+        self._make = lambda: envs.make_oracle(task)
+        self._oracles: list = []
+        self.version = "oracle"
+
+    def reset(self, seeds: list[int]) -> None:
+        self._oracles = [self._make() for _ in seeds]
+        for o in self._oracles:
+            o.reset()
+
+    def act(self, obs_batch: list[dict]) -> np.ndarray:
+        return np.stack([o.act(ob["privileged"]) for o, ob in zip(self._oracles, obs_batch, strict=False)]).astype(np.float32)
+
+
+class NoisyOraclePolicy(OraclePolicy):
+    """A degraded oracle that really fails: with probability ``p`` per step it starts a lapse, a run of
+    6-15 steps in which it holds one wrong random action (drifting off, opening the gripper), the way a
+    weak policy heads the wrong way for a while. The lapses are what the corrector must catch."""
+
+    def __init__(self, task: str, p: float) -> None:
+        super().__init__(task)
+        self.p = p
+        self.version = f"noisy-oracle:{p:g}"
+        self._rngs: list[np.random.Generator] = []
+        self._lapse: list[tuple[int, np.ndarray]] = []
+
+    def reset(self, seeds: list[int]) -> None:
+        super().reset(seeds)
+        self._rngs = [np.random.default_rng([s, 0x0015E]) for s in seeds]
+        self._lapse = [(0, np.zeros(ACTION_DIM, np.float32)) for _ in seeds]
+
+    def act(self, obs_batch: list[dict]) -> np.ndarray:
+        clean = super().act(obs_batch)
+        out = clean.copy()
+        for i, rng in enumerate(self._rngs[: len(obs_batch)]):
+            left, wrong = self._lapse[i]
+            if left == 0 and rng.random() < self.p:
+                wrong = rng.uniform(-1, 1, ACTION_DIM).astype(np.float32)
+                wrong[6] = -1.0 if rng.random() < 0.5 else wrong[6]
+                left = int(rng.integers(6, 16))
+            if left > 0:
+                out[i] = wrong
+                left -= 1
+            self._lapse[i] = (left, wrong)
+        return out
+
+
+def _noise_level(spec: str) -> float:
+    _, _, p = spec.partition(":")
+    try:
+        prob = float(p)
+    except ValueError:
+        prob = -1.0
+    if not 0.0 <= prob <= 1.0:
+        raise UserError(f"bad policy spec '{spec}'", "--policy",
+                        "write noisy-oracle:<p> with 0<=p<=1, e.g. noisy-oracle:0.1")
+    return prob
+
+
+def check_policy_spec(spec: str) -> None:
+    """Validate a spec on the driver before any actor starts (cheap: loads nothing)."""
+    s = spec.strip()
+    if s in ("oracle", "random"):
+        return
+    if s.startswith("noisy-oracle"):
+        _noise_level(s)
+        return
+    if not Path(s).is_dir():
+        raise UserError(f"unknown policy '{spec}'", "--policy", f"use one of: {POLICY_SPECS}")
+
+
+def make_policy(spec: str, task: str) -> Policy:
+    """Build the policy a spec names (validated with ``check_policy_spec``)."""
+    s = spec.strip()
+    check_policy_spec(s)
+    if s == "oracle":
+        return OraclePolicy(task)
+    if s == "random":
+        return RandomPolicy()
+    if s.startswith("noisy-oracle"):
+        return NoisyOraclePolicy(task, _noise_level(s))
+    from apo_ray.vla_policy import VLAPolicy
+
+    return VLAPolicy(Path(s))

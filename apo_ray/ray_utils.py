@@ -1,0 +1,57 @@
+"""Starting or joining Ray the same way everywhere.
+
+Without an address we start an embedded local Ray (``address="local"``) so that a stray RAY_ADDRESS
+never hijacks a laptop run; with one we join that cluster. The dashboard binds 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+# Environment every Ray worker needs: headless EGL rendering, DeepSpeed on CPU, no usage pings.
+WORKER_ENV = {
+    "MUJOCO_GL": "egl",
+    "PYOPENGL_PLATFORM": "egl",
+    "DS_ACCELERATOR": "cpu",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
+    # fault-injection and debug switches travel to the actors too
+    env.update({k: v for k, v in os.environ.items() if k.startswith("APO_RAY_")})
+    return env
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Use the running Ray if any; else start one (embedded, or joining ``address``) and stop it after."""
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": False,
+                    "configure_logging": True, "logging_level": "ERROR"}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+                 **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def cluster_has(resource: str) -> bool:
+    import ray
+
+    return ray.cluster_resources().get(resource, 0) > 0

@@ -1,0 +1,284 @@
+"""Parallel corrected rollouts on Ray actors, written straight to Parquet.
+
+``RolloutWorker`` is a plain class (usable without Ray, and in tests); ``collect`` wraps it with
+``ray.remote`` at the call site. Each episode is a pure function of (task, scenario, seed, policy
+version) and lands as ``episodes/<episode_id>.parquet`` via temp file + rename, so a restarted actor that
+re-runs an episode rewrites the same bytes under the same name: nothing is lost or written twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from apo_ray import schema as S
+from apo_ray.config import CorrectorConfig
+from apo_ray.errors import UserError
+from apo_ray.fsio import sweep_tmp, write_json, write_parquet
+from apo_ray.policies import check_policy_spec, make_policy
+
+EPISODES_DIR = "episodes"
+VIDEOS_DIR = "videos"
+
+
+def episode_id(task: str, scenario: str, round_: int, seed: int) -> str:
+    return f"{task}-{scenario}-r{round_}-s{seed:06d}"
+
+
+@dataclass(frozen=True)
+class EpisodeStats:
+    episode_id: str
+    seed: int
+    steps: int
+    success: bool
+    intervention_steps: int
+    interventions: int
+
+    @staticmethod
+    def of_table(table: Any) -> EpisodeStats:
+        c = table.column(S.C).to_numpy()
+        iid = table.column(S.INTERVENTION_ID).to_numpy()
+        n = table.num_rows
+        return EpisodeStats(
+            episode_id=table.column(S.EPISODE_ID)[0].as_py() if n else "",
+            seed=int(table.column(S.SEED)[0].as_py()) if n else -1,
+            steps=n,
+            success=bool(table.column(S.SUCCESS)[0].as_py()) if n else False,
+            intervention_steps=int((c == S.C_CORRECTOR).sum()),
+            interventions=len(set(iid[iid >= 0].tolist())),
+        )
+
+
+def _maybe_fault(seed: int, t: int, out_dir: Path) -> None:
+    """Fault injection for tests/chaos: APO_RAY_FAULT_KILL_ACTOR="<seed>:<step>" SIGKILLs this actor
+    process once (a marker file makes it one-shot), exactly like a node dying mid-episode."""
+    spec = os.environ.get("APO_RAY_FAULT_KILL_ACTOR")
+    if not spec or spec != f"{seed}:{t}":
+        return
+    marker = out_dir / f".fault-killed-{seed}-{t}"
+    if marker.exists():
+        return
+    marker.touch()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RolloutWorker:
+    """Owns one env, one policy copy, and (optionally) the oracle corrector watching it."""
+
+    def __init__(self, task: str, scenario: str, policy: str, out_dir: str, *, round_: int = 0,
+                 corrector: CorrectorConfig | None = None, image_size: int = 64, horizon: int = 0,
+                 cheap_render: bool = True) -> None:
+        import envs
+
+        self.task, self.scenario, self.round = task, scenario, round_
+        self.out_dir = Path(out_dir)
+        self.env = envs.TaskEnv(task, scenario, image_size=image_size, camera=True,
+                                cheap_render=cheap_render, horizon=horizon)
+        self.policy = make_policy(policy, task)
+        self.oracle = envs.make_oracle(task)
+        self.corrector = envs.Corrector(task, corrector) if corrector is not None and corrector.enabled else None
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def run_episode(self, seed: int, video: bool = False) -> EpisodeStats:
+        eid = episode_id(self.task, self.scenario, self.round, seed)
+        steps: dict[str, list] = {k: [] for k in (S.T, S.IMAGE, S.PROPRIO, S.ACTION, S.ORACLE_ACTION, S.C,
+                                                  S.INTERVENTION_ID, S.REWARD, S.DONE, S.STATE)}
+        obs = self.env.reset(seed)
+        obs["instruction"] = self.env.instruction
+        self.policy.reset([seed])
+        self.oracle.reset()
+        if self.corrector is not None:
+            self.corrector.reset(seed)
+        done, t = False, 0
+        while not done:
+            _maybe_fault(seed, t, self.out_dir)
+            oracle_action = np.asarray(self.oracle.act(obs["privileged"]), np.float32)
+            policy_action = np.asarray(self.policy.act([obs])[0], np.float32)
+            if self.corrector is None:
+                action, c, iid = policy_action, S.C_POLICY, S.NO_INTERVENTION
+            else:
+                action, c, iid = self.corrector.decide(policy_action, oracle_action, obs["privileged"], self.oracle)
+            steps[S.T].append(t)
+            steps[S.IMAGE].append(obs["image"])
+            steps[S.PROPRIO].append(obs["proprio"])
+            steps[S.ACTION].append(np.clip(action, -1.0, 1.0))
+            steps[S.ORACLE_ACTION].append(oracle_action)
+            steps[S.C].append(c)
+            steps[S.INTERVENTION_ID].append(iid)
+            steps[S.STATE].append(self.env.get_state())
+            obs, reward, done, _ = self.env.step(np.clip(action, -1.0, 1.0))
+            obs["instruction"] = self.env.instruction
+            steps[S.REWARD].append(reward)
+            steps[S.DONE].append(done)
+            t += 1
+        success = bool(self.env.is_success())
+        steps.update({
+            S.EPISODE_ID: eid, S.ROUND: self.round, S.TASK: self.task, S.SCENARIO: self.scenario,
+            S.SEED: seed, S.SUCCESS: success, S.INSTRUCTION: self.env.instruction,
+            S.POLICY_VERSION: self.policy.version,
+        })
+        table = S.episode_table(steps, self.env.env_meta)
+        if video:
+            from apo_ray.video import write_mp4
+
+            write_mp4(self.out_dir / VIDEOS_DIR / f"{eid}.mp4", np.stack(steps[S.IMAGE]), np.asarray(steps[S.C]))
+        write_parquet(self.out_dir / EPISODES_DIR / f"{eid}.parquet", table)
+        return EpisodeStats.of_table(table)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _check_out_dir(out_dir: Path, resume: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"out dir is a file: {out_dir}", "--out", "pass a directory path")
+    if out_dir.exists() and any(out_dir.iterdir()) and not resume:
+        raise UserError(f"out dir is not empty: {out_dir}", "--out", "pass a new or empty directory, or --resume")
+    probe = out_dir if out_dir.exists() else next(p for p in out_dir.parents if p.exists())
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"out dir is not writable: {out_dir}", "--out", "choose a directory you can write to")
+
+
+def validate_request(task: str, scenario: str, policy: str, episodes: int, workers: int) -> None:
+    """Every check that needs no env and no Ray, so bad input fails before anything is created."""
+    import envs
+
+    if task not in envs.TASKS:
+        import difflib
+
+        close = difflib.get_close_matches(task, list(envs.TASKS), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"use one of: {', '.join(envs.TASKS)}"
+        raise UserError(f"unknown task '{task}'", "--task", hint)
+    envs.parse_scenario(scenario)
+    check_policy_spec(policy)
+    if episodes < 1:
+        raise UserError(f"--episodes must be >= 1, got {episodes}", "--episodes", "ask for at least one episode")
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}", "--workers", "use at least one worker")
+
+
+def read_episode_stats(path: Path) -> EpisodeStats:
+    cols = [S.EPISODE_ID, S.SEED, S.C, S.INTERVENTION_ID, S.SUCCESS]
+    return EpisodeStats.of_table(pq.read_table(path, columns=cols))
+
+
+def summarize(stats: list[EpisodeStats], wall_s: float, new_steps: int) -> dict[str, Any]:
+    n = len(stats)
+    successes = sum(s.success for s in stats)
+    return {
+        "episodes": n,
+        "successes": successes,
+        "success_rate": successes / n if n else 0.0,
+        "steps": sum(s.steps for s in stats),
+        "intervention_episodes": sum(s.interventions > 0 for s in stats),
+        "intervention_steps": sum(s.intervention_steps for s in stats),
+        "interventions": sum(s.interventions for s in stats),
+        "env_steps_per_s": round(new_steps / wall_s, 2) if wall_s > 0 else 0.0,
+    }
+
+
+class _Progress:
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total, self.label, self.enabled = total, label, enabled and sys.stderr.isatty()
+        self.done = self.ok = 0
+        self.t0 = time.monotonic()
+
+    def update(self, s: EpisodeStats, steps_total: int) -> None:
+        self.done += 1
+        self.ok += s.success
+        if self.enabled:
+            rate = steps_total / max(time.monotonic() - self.t0, 1e-9)
+            sys.stderr.write(f"\r[{self.label}] {self.done}/{self.total} episodes, {self.ok} successes, "
+                             f"{rate:.1f} steps/s ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def collect(task: str, scenario: str, policy: str, episodes: int, workers: int, seed: int,
+            out_dir: str | os.PathLike[str], *, round_: int = 0, corrector: CorrectorConfig | None = None,
+            image_size: int = 64, horizon: int = 0, videos: int = 0, address: str | None = None,
+            seeds: list[int] | None = None, resume: bool = False, progress: bool = True,
+            label: str = "collect") -> dict[str, Any]:
+    """Run ``episodes`` rollouts on ``workers`` Ray actors; write one Parquet file per episode.
+
+    Seeds are ``seed + i`` unless given. With ``resume``, episodes already on disk are kept and only the
+    missing ones run. Returns the summary dict (also written to ``out_dir/collect.json``).
+    """
+    validate_request(task, scenario, policy, episodes, workers)
+    out = Path(out_dir)
+    _check_out_dir(out, resume)
+    seeds = list(seeds) if seeds is not None else [seed + i for i in range(episodes)]
+    (out / EPISODES_DIR).mkdir(parents=True, exist_ok=True)
+    sweep_tmp(out / EPISODES_DIR)
+    done: dict[int, EpisodeStats] = {}
+    for i, s in enumerate(seeds):
+        path = out / EPISODES_DIR / f"{episode_id(task, scenario, round_, s)}.parquet"
+        if path.exists():
+            done[i] = read_episode_stats(path)
+    todo = [i for i in range(len(seeds)) if i not in done]
+    new_steps, wall = 0, 0.0
+    if todo:
+        new_steps, wall = _run_parallel(task, scenario, policy, out, round_, corrector, image_size, horizon,
+                                        videos, address, seeds, todo, done, workers, progress, label)
+    stats = [done[i] for i in range(len(seeds))]
+    summary = summarize(stats, wall, new_steps)
+    write_json(out / "collect.json", {"task": task, "scenario": scenario, "policy": policy,
+                                      "round": round_, "seeds": seeds, **summary})
+    return summary
+
+
+def _run_parallel(task, scenario, policy, out, round_, corrector, image_size, horizon, videos, address,
+                  seeds, todo, done, workers, progress, label) -> tuple[int, float]:
+    import ray
+
+    from apo_ray.ray_utils import cluster_has, ray_session
+
+    with ray_session(address):
+        resources = {"sim": 1} if cluster_has("sim") else {}  # pin sims to rollout nodes
+        actor_cls = ray.remote(RolloutWorker).options(num_cpus=1, max_restarts=3, max_task_retries=3,
+                                                      resources=resources)
+        n = min(workers, len(todo))
+        actors = [actor_cls.remote(task, scenario, policy, str(out), round_=round_, corrector=corrector,
+                                   image_size=image_size, horizon=horizon) for _ in range(n)]
+        ray.get([a.ping.remote() for a in actors])  # env construction is not part of the step rate
+        bar = _Progress(len(todo), label, progress)
+        queue = list(todo)
+        pending: dict[Any, tuple[int, Any]] = {}
+        t0, steps = time.monotonic(), 0
+
+        def submit(actor: Any) -> None:
+            i = queue.pop(0)
+            pending[actor.run_episode.remote(seeds[i], i < videos)] = (i, actor)
+
+        for a in actors:
+            if queue:
+                submit(a)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                i, actor = pending.pop(ready[0])
+                st = ray.get(ready[0])
+                done[i] = st
+                steps += st.steps
+                bar.update(st, steps)
+                if queue:
+                    submit(actor)
+        finally:
+            bar.close()
+            wall = time.monotonic() - t0
+            for a in actors:
+                ray.kill(a)
+    return steps, wall
