@@ -1,0 +1,35 @@
+"""apo-ray eval: seeded success rate of a policy acting alone, with a Wilson 95% interval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a policy (no corrector) over seeded episodes",
+                       description="Roll a policy out with no corrector on seeds S..S+N-1 and print "
+                                   '{"success_rate","ci95":[lo,hi],"episodes",...} as the last stdout line.')
+    p.add_argument("--policy", required=True, help="checkpoint directory, or oracle | random | noisy-oracle:<p>")
+    p.add_argument("--task", required=True)
+    p.add_argument("--scenario", default="nominal")
+    p.add_argument("--episodes", type=int, default=50)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=100_000, help="first evaluation seed (held out from collection)")
+    p.add_argument("--videos", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--horizon", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--address")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from apo_ray.evaluate import evaluate
+
+    result = evaluate(args.policy, args.task, args.scenario, args.episodes, args.workers, args.seed, args.out,
+                      videos=args.videos, image_size=args.image_size, horizon=args.horizon,
+                      address=args.address, resume=args.resume)
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,62 @@
+"""Evaluation: the policy acts alone (no corrector) on a fixed seed list. The only eval path: the
+loop, ``apo-ray eval`` and the benches all come through ``evaluate``."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from apo_ray import schema as S
+from apo_ray.fsio import write_json
+from apo_ray.rollout import EPISODES_DIR, collect
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95% interval for a binomial proportion; well-behaved at 0/n and n/n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def eval_seeds(seed: int, episodes: int) -> list[int]:
+    return [seed + i for i in range(episodes)]
+
+
+def evaluate(policy: str, task: str, scenario: str, episodes: int, workers: int, seed: int,
+             out_dir: str | os.PathLike[str], *, videos: int = 0, image_size: int = 64, horizon: int = 0,
+             address: str | None = None, resume: bool = False, progress: bool = True,
+             round_: int = 0) -> dict[str, Any]:
+    """Roll ``policy`` out without a corrector and score it. Writes ``out_dir/eval.json``."""
+    seeds = eval_seeds(seed, episodes)
+    summary = collect(task, scenario, policy, episodes, workers, seed, out_dir, round_=round_, corrector=None,
+                      image_size=image_size, horizon=horizon, videos=videos, address=address, seeds=seeds,
+                      resume=resume, progress=progress, label=f"eval {scenario}")
+    lengths, succ_lengths = [], []
+    for path in sorted((Path(out_dir) / EPISODES_DIR).glob("*.parquet")):
+        t = pq.read_table(path, columns=[S.SUCCESS, S.SEED])
+        if int(t.column(S.SEED)[0].as_py()) not in seeds:
+            continue
+        lengths.append(t.num_rows)
+        if t.column(S.SUCCESS)[0].as_py():
+            succ_lengths.append(t.num_rows)
+    lo, hi = wilson_interval(summary["successes"], summary["episodes"])
+    result = {
+        "success_rate": summary["success_rate"],
+        "ci95": [round(lo, 4), round(hi, 4)],
+        "episodes": summary["episodes"],
+        "successes": summary["successes"],
+        "mean_length": sum(lengths) / len(lengths) if lengths else 0.0,
+        "mean_success_length": sum(succ_lengths) / len(succ_lengths) if succ_lengths else None,
+        "task": task, "scenario": scenario, "policy": policy, "seeds": [seeds[0], seeds[-1]],
+        "env_steps_per_s": summary["env_steps_per_s"],
+    }
+    write_json(Path(out_dir) / "eval.json", result)
+    return result
