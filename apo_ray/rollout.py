@@ -145,7 +145,7 @@ def _check_out_dir(out_dir: Path, resume: bool) -> None:
     if out_dir.exists() and any(out_dir.iterdir()) and not resume:
         raise UserError(f"out dir is not empty: {out_dir}", "--out", "pass a new or empty directory, or --resume")
     probe = out_dir if out_dir.exists() else next(p for p in out_dir.parents if p.exists())
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"out dir is not writable: {out_dir}", "--out", "choose a directory you can write to")
 
 

@@ -66,5 +66,3 @@ def usage_error(msg: str, fix: str = "") -> UserError:
     return UserError(msg, "command line", fix or "see apo-ray COMMAND --help")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
