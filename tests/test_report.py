@@ -1,0 +1,103 @@
+"""report.html from a synthetic run dir: every section is drawn from the files, and the numbers match them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+
+from apo_ray.journal import Journal
+from apo_ray.report import load_run, results_markdown, success_rows, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _make_run(root: Path, rng: random.Random) -> dict:
+    """A 2-round, 2-arm run's journal and files, with random numbers the assertions recompute."""
+    j = Journal(root)
+    truth: dict = {"eval": {}, "collect": {}, "c": {}}
+
+    def rec(key: str, result: dict) -> None:
+        (root / key).mkdir(parents=True, exist_ok=True)
+        j.record(key, result, 1.0)
+
+    def ev(key: str, sc: str) -> None:
+        n = 20
+        k = rng.randint(0, n)
+        res = {"success_rate": k / n, "ci95": [max(0, k / n - 0.2), min(1, k / n + 0.2)], "episodes": n,
+               "successes": k, "mean_length": 50.0, "scenario": sc}
+        truth["eval"][key] = res
+        rec(key, res)
+
+    (root / "config.json").write_text(json.dumps({"env": {"task": "lift", "scenario": "nominal"},
+                                                  "loop": {"arms": ["apo", "dagger"], "scenarios": ["position"]}}))
+    rec("r0/demos/collect/nominal", {"episodes": 4, "steps": 120, "intervention_episodes": 0})
+    rec("r0/base/dataset", {"counts": {"c": {"1": 120}}})
+    rec("r0/base/train", {"steps": 10})
+    for sc in ("position", "nominal"):
+        ev(f"r0/base/eval/{sc}", sc)
+    for r in (1, 2):
+        for arm in ("apo", "dagger"):
+            eps, steps = 6, rng.randint(200, 400)
+            ie, isteps = rng.randint(1, eps), rng.randint(10, 150)
+            key = f"r{r}/{arm}/collect/position"
+            res = {"episodes": eps, "steps": steps, "intervention_episodes": ie, "intervention_steps": isteps,
+                   "interventions": ie + 1, "success_rate": 1.0}
+            truth["collect"][key] = res
+            rec(key, res)
+            c = {str(i): rng.randint(0, 500) for i in range(3)}
+            truth["c"][(r, arm)] = c
+            rec(f"r{r}/{arm}/dataset", {"counts": {"c": c, "rows": 3}})
+            rec(f"r{r}/{arm}/train", {"steps": 5})
+            with open(root / f"r{r}/{arm}/train/metrics.jsonl", "w") as f:
+                for s in range(1, 6):
+                    f.write(json.dumps({"step": s, "loss": rng.random(), "kl": -rng.random(),
+                                        "sum_lambda_D": rng.random(), "sum_lambda_U": rng.random()}) + "\n")
+            for sc in ("position", "nominal"):
+                ev(f"r{r}/{arm}/eval/{sc}", sc)
+    import imageio.v2 as imageio
+
+    (root / "r2/apo/collect/position/videos").mkdir(parents=True)
+    imageio.mimwrite(root / "r2/apo/collect/position/videos/ep0.mp4", np.zeros((6, 64, 64, 3), np.uint8),
+                     fps=20, macro_block_size=1)
+    return truth
+
+
+def test_report_sections_and_numbers(tmp_path: Path) -> None:
+    truth = _make_run(tmp_path, random.Random(7))
+    path = write_report(tmp_path)
+    text = path.read_text()
+    pngs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", text)
+    assert len(pngs) == 4, "success, interventions, c-mix and training plots"
+    assert all(base64.b64decode(p).startswith(PNG) for p in pngs)
+    videos = re.findall(r"data:video/mp4;base64,([A-Za-z0-9+/=]+)", text)
+    assert len(videos) == 1 and base64.b64decode(videos[0])[4:8] == b"ftyp"
+    # the intervention table holds the journal's numbers
+    for key, res in truth["collect"].items():
+        r, arm = key.split("/")[:2]
+        rate = res["intervention_steps"] / res["steps"]
+        assert f"<td>{r[1:]}</td><td>{arm}</td><td>position</td><td>{res['episodes']}</td>" in text
+        assert f"<td>{rate:.3f}</td>" in text
+    for (r, arm), c in truth["c"].items():
+        assert f"<td>{r}</td><td>{arm}</td><td>{c['0']}</td><td>{c['1']}</td><td>{c['2']}</td>" in text
+    # results.md: one cell per (arm, scenario, round), round 0 from the base policy
+    md = (tmp_path / "report/results.md").read_text()
+    base_pos = truth["eval"]["r0/base/eval/position"]
+    apo_r2 = truth["eval"]["r2/apo/eval/position"]
+    row = next(line for line in md.splitlines() if line.startswith("| apo | position |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][2:]
+    assert cells[0].startswith(f"{100 * base_pos['success_rate']:.0f} [")
+    assert cells[2].startswith(f"{100 * apo_r2['success_rate']:.0f} [")
+    data = json.loads((tmp_path / "report/results.json").read_text())
+    assert len(data["success"]) == len(truth["eval"])
+
+
+def test_report_on_an_empty_or_partial_run(tmp_path: Path) -> None:
+    path = write_report(tmp_path)  # nothing ran yet: no crash, every section says so
+    text = path.read_text()
+    assert "no success curves yet" in text and "no training curves yet" in text
+    assert results_markdown(success_rows(load_run(tmp_path))).startswith("_no evaluation")
