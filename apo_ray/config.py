@@ -86,9 +86,12 @@ class ModelConfig:
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
+    vision: str = "resnet"
+    """Tiny kind's vision model: ``resnet`` (conv, like the probe that learned Lift) or ``vit``."""
     vision_hidden_size: int = 64
     vision_layers: int = 2
     patch_size: int = 16
+    """Image pixels per image token side: 64 px / 16 = 4x4 = 16 image tokens."""
     use_proprio: bool = False
     lora_r: int = 0
     lora_alpha: int = 16
@@ -124,6 +127,20 @@ class TrainConfig:
     bc_weight: float = 0.0
     """Extra NLL on desirable samples (the paper's unused ``bc_weight`` knob)."""
     checkpoint_every: int = 50
+    sirius_intervention_weight: float = 2.0
+    sirius_preintervention_weight: float = 0.0
+    reference: str = "auto"
+    """``auto`` (cached ref log-prob columns when the dataset has them, else a live replica), ``cached``, ``live``."""
+    cpus_per_worker: float = 0.5
+    """Ray CPUs per train worker; 0.5 leaves room for Ray Data on a 2-core box."""
+    torch_threads: int = 0
+    """Torch threads per worker; 0 = cores / workers."""
+    use_gpu: bool = True
+    """Use CUDA (bf16) when the cluster has GPUs."""
+    weight_decay: float = 0.0
+    log_every: int = 1
+    mlflow_uri: str = ""
+    """Also log metrics to this MLflow tracking URI (needs mlflow installed)."""
 
 
 @dataclass(frozen=True)

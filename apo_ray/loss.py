@@ -1,0 +1,256 @@
+"""Training objectives as pure torch functions: tensors in, ``(loss, metrics)`` out; no model, no I/O.
+
+Every objective takes a :class:`Scores` (what the policy and the frozen reference assign to the batch's
+action sequences) plus a :class:`LossParams`, and returns a scalar loss and a dict of detached scalar
+metrics. The math follows ``shared/docs/apo_spec.md`` §2, "code as written" by default:
+
+* reward ``r_i = log π_θ(a_i|o_i) − log π_ref(a_i|o_i)`` summed over the action tokens; desirable samples
+  (c≠0) sum the 7 action tokens + EOS, undesirable ones (c=0) only the 7 action tokens;
+* KL estimate ``z = clamp(mean_i(log π_θ(a_{i+1}|o_i) − log π_ref(a_{i+1}|o_i)), ±kl_clamp)``, detached,
+  from mismatched pairs (each sample scored with the next sample's actions inside its micro-batch);
+* ``L_D = 1 − σ(β(r − z))``, ``L_U = 1 − σ(β(z − r))``, weighted by desirable/undesirable weights;
+* APO: ``λ_D = 1 − exp(−β_D w)``, ``λ_U = exp(−β_U w)`` with ``w`` the L1 action error normalised per subset
+  (``subset_sum``, the paper's code), by the per-subset mean (``subset_mean``, batch-size invariant) or over
+  the whole micro-batch (``batch``, the paper's text);
+* loss per micro-batch = ``Σ_i λ_i L_i`` (``sum``) or its mean; micro-batches are averaged, which is what
+  gradient accumulation over them computes.
+
+A batch may hold several micro-batches back to back (``group`` samples each); λ, the KL estimate and the
+reduction are then computed per micro-batch, exactly as if each were its own step of accumulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+OBJECTIVES = ("apo", "kto", "dagger", "sirius", "dpo", "bc")
+NEEDS_REFERENCE = {"apo", "kto", "dpo"}
+NEEDS_UNDESIRABLE = {"apo", "kto", "dpo"}
+LAMBDA_NORMS = ("subset_sum", "subset_mean", "batch")
+_EPS = 1e-4  # the paper's code: w_i = (l_i + 1e-4) / (Σ l + 1e-4)
+
+
+@dataclass
+class Scores:
+    """Per-sample quantities for one batch of N = G·B samples (G micro-batches of ``group`` = B samples).
+
+    Log-probs are summed over tokens. ``*_u`` = over the 7 action tokens only; the others include EOS.
+    ``kl_*`` = the sample's observation scored with the next sample's action tokens (7 tokens), wrapping
+    inside its micro-batch. Reference tensors carry no grad. ``token_logp`` is (N, 8) per-token policy
+    log-probs of the sample's own 7 action tokens + EOS (for the cross-entropy terms).
+    """
+
+    logp: Tensor  # (N,)
+    logp_u: Tensor  # (N,)
+    token_logp: Tensor  # (N, 8)
+    c: Tensor  # (N,) int: 0 undesirable, 1 policy, 2 corrector
+    is_expert: Tensor  # (N,) bool
+    l1: Tensor  # (N,) detached mean |argmax-decoded − label| over the 7 dims, normalised action space
+    group: int = 8
+    ref_logp: Tensor | None = None
+    ref_logp_u: Tensor | None = None
+    kl_logp: Tensor | None = None
+    ref_kl_logp: Tensor | None = None
+    # DPO's chosen side: the oracle's action tokens + EOS
+    oracle_logp: Tensor | None = None
+    ref_oracle_logp: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LossParams:
+    beta: float = 0.1
+    kl_clamp: float = 5.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    reweight: bool = True
+    beta_d: float = 1.0
+    beta_u: float = 1.0
+    lambda_norm: str = "subset_sum"
+    reduction: str = "sum"
+    bc_weight: float = 0.0
+    sirius_intervention_weight: float = 2.0
+    sirius_preintervention_weight: float = 0.0
+
+    @classmethod
+    def from_train_config(cls, t) -> LossParams:
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{n: getattr(t, n) for n in names if hasattr(t, n)})
+
+
+def _grouped(x: Tensor, group: int) -> Tensor:
+    if x.shape[0] % group:
+        raise ValueError(f"batch of {x.shape[0]} is not a whole number of micro-batches of {group}")
+    return x.reshape(x.shape[0] // group, group, *x.shape[1:])
+
+
+def kl_estimate(kl_logp: Tensor, ref_kl_logp: Tensor, group: int, clamp: float,
+                allreduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Per-micro-batch KL estimate (G,): mean mismatched-pair log-ratio, detached, clamped to ±clamp.
+
+    ``allreduce`` (mean over workers) turns the paper code's per-device estimate into a global one.
+    """
+    z = _grouped((kl_logp - ref_kl_logp).detach(), group).mean(dim=1)
+    if allreduce is not None:
+        z = allreduce(z)
+    return z.clamp(-clamp, clamp)
+
+
+def adaptive_lambdas(l1: Tensor, desirable: Tensor, group: int, norm: str = "subset_sum",
+                     beta_d: float = 1.0, beta_u: float = 1.0) -> Tensor:
+    """λ_i (N,): 1−exp(−β_D w_i) for desirable samples, exp(−β_U w_i) for undesirable ones.
+
+    ``subset_sum``: w_i = (l_i + ε) / (Σ_{j in i's subset} l_j + ε)  (paper code; depends on subset size)
+    ``subset_mean``: w_i = (l_i + ε) / (mean_{j in i's subset} l_j + ε)  (invariant to the batch size)
+    ``batch``: w_i = (l_i + ε) / (Σ_{j in micro-batch} l_j + ε)  (paper text)
+    """
+    if norm not in LAMBDA_NORMS:
+        raise ValueError(f"lambda_norm must be one of {LAMBDA_NORMS}, got {norm!r}")
+    err = _grouped(l1.detach(), group)
+    d = _grouped(desirable, group).to(err.dtype)
+    u = 1.0 - d
+    if norm == "batch":
+        denom = err.sum(dim=1, keepdim=True).expand_as(err)
+    else:
+        sum_d = (err * d).sum(dim=1, keepdim=True)
+        sum_u = (err * u).sum(dim=1, keepdim=True)
+        if norm == "subset_mean":
+            sum_d = sum_d / d.sum(dim=1, keepdim=True).clamp(min=1)
+            sum_u = sum_u / u.sum(dim=1, keepdim=True).clamp(min=1)
+        denom = d * sum_d + u * sum_u
+    w = (err + _EPS) / (denom + _EPS)
+    lam = d * (1.0 - torch.exp(-beta_d * w)) + u * torch.exp(-beta_u * w)
+    return lam.reshape(-1)
+
+
+def _reduce(per_sample: Tensor, group: int, reduction: str) -> Tensor:
+    g = _grouped(per_sample, group)
+    if reduction == "sum":
+        per_group = g.sum(dim=1)
+    elif reduction == "mean":
+        per_group = g.mean(dim=1)
+    else:
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    return per_group.mean()  # micro-batches average, as gradient accumulation does
+
+
+def token_nll(token_logp: Tensor) -> Tensor:
+    """Per-sample mean negative log-likelihood over the 7 action tokens + EOS (N,)."""
+    return -token_logp.mean(dim=1)
+
+
+def _weighted_mean(x: Tensor, w: Tensor) -> Tensor:
+    return (x * w).sum() / w.sum().clamp(min=1e-8)
+
+
+def apo_loss(s: Scores, p: LossParams, allreduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, dict]:
+    """APO (= KTO when ``p.reweight`` is False), optionally plus ``bc_weight`` × NLL on desirable samples."""
+    if s.ref_logp is None or s.ref_logp_u is None or s.kl_logp is None or s.ref_kl_logp is None:
+        raise ValueError("apo/kto need reference and mismatched-pair log-probs")
+    desirable = s.c != 0
+    r_d = s.logp - s.ref_logp
+    r_u = s.logp_u - s.ref_logp_u
+    z = kl_estimate(s.kl_logp, s.ref_kl_logp, s.group, p.kl_clamp, allreduce)
+    z_i = z.repeat_interleave(s.group)
+    loss_d = 1.0 - torch.sigmoid(p.beta * (r_d - z_i))
+    loss_u = 1.0 - torch.sigmoid(p.beta * (z_i - r_u))
+    per = torch.where(desirable, p.desirable_weight * loss_d, p.undesirable_weight * loss_u)
+    if p.reweight:
+        lam = adaptive_lambdas(s.l1, desirable, s.group, p.lambda_norm, p.beta_d, p.beta_u)
+    else:
+        lam = torch.ones_like(per)
+    loss = _reduce(lam * per, s.group, p.reduction)
+    dmask = desirable.to(per.dtype)
+    umask = 1.0 - dmask
+    n_groups = s.logp.shape[0] // s.group
+    metrics = {
+        "r_D": _weighted_mean(r_d.detach(), dmask).item() if dmask.sum() > 0 else float("nan"),
+        "r_U": _weighted_mean(r_u.detach(), umask).item() if umask.sum() > 0 else float("nan"),
+        "kl": z.mean().item(),
+        "kl_at_clamp": (z.abs() >= p.kl_clamp - 1e-6).float().mean().item(),
+        "sum_lambda_D": ((lam * dmask).sum() / n_groups).item(),
+        "sum_lambda_U": ((lam * umask).sum() / n_groups).item(),
+        "loss_D": _weighted_mean(loss_d.detach(), dmask).item() if dmask.sum() > 0 else float("nan"),
+        "loss_U": _weighted_mean(loss_u.detach(), umask).item() if umask.sum() > 0 else float("nan"),
+    }
+    if p.bc_weight:
+        bc = _weighted_mean(token_nll(s.token_logp), dmask)
+        loss = loss + p.bc_weight * bc
+        metrics["bc_nll"] = bc.item()
+    metrics["loss"] = loss.item()
+    return loss, metrics
+
+
+def kto_loss(s: Scores, p: LossParams, allreduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, dict]:
+    """KTO: APO without the adaptive reweighting (λ ≡ 1)."""
+    return apo_loss(s, LossParams(**{**p.__dict__, "reweight": False}), allreduce)
+
+
+def bc_loss(s: Scores, p: LossParams, mask: Tensor | None = None) -> tuple[Tensor, dict]:
+    """Cross-entropy over the 7 action tokens + EOS, mean over tokens and the (masked) samples."""
+    w = torch.ones_like(s.logp) if mask is None else mask.to(s.logp.dtype)
+    if w.sum() == 0:
+        raise ValueError("bc loss on a batch with no selected samples")
+    loss = _weighted_mean(token_nll(s.token_logp), w)
+    return loss, {"loss": loss.item(), "nll": loss.item()}
+
+
+def dagger_loss(s: Scores, p: LossParams) -> tuple[Tensor, dict]:
+    """BC on expert demos + corrector steps (c=2); policy steps and relabelled steps are left out."""
+    mask = s.is_expert | (s.c == 2)
+    if not bool(mask.any()):  # a micro-batch without such rows contributes nothing, not NaN
+        zero = (s.logp * 0).sum()
+        return zero, {"loss": 0.0, "nll": float("nan")}
+    return bc_loss(s, p, mask)
+
+
+def sirius_loss(s: Scores, p: LossParams) -> tuple[Tensor, dict]:
+    """Intervention-weighted BC (Liu et al. 2023): expert and policy steps weight 1, corrector steps
+    ``sirius_intervention_weight``, pre-intervention (relabelled c=0) steps ``sirius_preintervention_weight``."""
+    w = torch.ones_like(s.logp)
+    w = torch.where(s.c == 2, torch.full_like(w, p.sirius_intervention_weight), w)
+    w = torch.where((s.c == 0) & ~s.is_expert, torch.full_like(w, p.sirius_preintervention_weight), w)
+    loss = _weighted_mean(token_nll(s.token_logp), w)
+    return loss, {"loss": loss.item(), "nll": loss.item()}
+
+
+def dpo_loss(s: Scores, p: LossParams) -> tuple[Tensor, dict]:
+    """DPO on the relabelled steps (c=0): chosen = the oracle's action, rejected = the policy's action.
+
+    loss = −mean_pairs log σ(β[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))]), both sides
+    summed over 7 action tokens + EOS.
+    """
+    if s.oracle_logp is None or s.ref_oracle_logp is None or s.ref_logp is None:
+        raise ValueError("dpo needs oracle-token and reference log-probs")
+    pairs = s.c == 0
+    if not bool(pairs.any()):
+        zero = (s.logp * 0).sum()
+        return zero, {"loss": 0.0, "margin": float("nan")}
+    chosen = (s.oracle_logp - s.ref_oracle_logp)[pairs]
+    rejected = (s.logp - s.ref_logp)[pairs]
+    margin = p.beta * (chosen - rejected)
+    loss = -F.logsigmoid(margin).mean()
+    return loss, {"loss": loss.item(), "margin": margin.detach().mean().item(),
+                  "r_D": chosen.detach().mean().item(), "r_U": rejected.detach().mean().item()}
+
+
+def objective_loss(objective: str, s: Scores, p: LossParams,
+                   allreduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, dict]:
+    """Dispatch on the objective name (one of :data:`OBJECTIVES`)."""
+    if objective == "apo":
+        return apo_loss(s, p, allreduce)
+    if objective == "kto":
+        return kto_loss(s, p, allreduce)
+    if objective == "dagger":
+        return dagger_loss(s, p)
+    if objective == "sirius":
+        return sirius_loss(s, p)
+    if objective == "dpo":
+        return dpo_loss(s, p)
+    if objective == "bc":
+        return bc_loss(s, p)
+    raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")

@@ -1,0 +1,507 @@
+"""The VLA: an OpenVLA-shaped model built from ``transformers`` configs (no download), or a local HF VLA + LoRA.
+
+Tiny kind (default, CPU-trainable): a small transformers vision model (ResNet, or ViT) → MLP projector → image
+tokens, an optional proprio token, then the tokenized prompt "What action should the robot take to
+{instruction}?", fed as ``inputs_embeds`` to a small ``LlamaForCausalLM``. The answer is 7 action tokens + EOS;
+action tokens are the last 256 ids of the vocabulary (``vocab_size − 256 + bin``), and only they (and EOS) are
+scored. The tokenizer is a word-level ``tokenizers`` model built locally and saved beside the weights.
+
+Both kinds present one interface — ``forward(input_ids, attention_mask, pixel_values, proprio) -> logits`` with
+the prompt left-padded and the action tokens at the end — so scoring, training and decoding share one code path.
+
+A checkpoint dir holds ``config.json`` + ``model.safetensors`` (or a LoRA ``adapter/`` for kind ``hf``),
+the tokenizer files, and ``apo_vla.json`` (kind, action statistics, token layout, model config).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# robomimic pulls a PyPI torchvision that cannot load next to torch 2.13+cpu; transformers imports it eagerly
+# when it is found. The VLA needs no torchvision, so hide it unless something already imported it fine.
+if "torchvision" not in sys.modules:
+    sys.modules["torchvision"] = None  # type: ignore[assignment]
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import (  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    ResNetConfig,
+    ResNetModel,
+    ViTConfig,
+    ViTModel,
+)
+
+from apo_ray import fsio  # noqa: E402
+from apo_ray.config import ModelConfig  # noqa: E402
+from apo_ray.errors import UserError  # noqa: E402
+
+ACTION_DIM = 7
+N_BINS = 256
+N_SCORED = ACTION_DIM + 1  # 7 action tokens + EOS
+PROMPT = "What action should the robot take to {instruction}?"
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+TEXT_VOCAB = 256
+"""Text slots of the tiny tokenizer (specials + words, padded); the action tokens follow, so ids are stable."""
+VOCAB_SIZE = TEXT_VOCAB + N_BINS
+META_FILE = "apo_vla.json"
+# Words the tiny tokenizer always knows; instructions seen at build time are added. Others map to <unk>.
+BASE_WORDS = (
+    "what action should the robot take to lift pick up place put push insert stack move open close grasp "
+    "cube block can bin box square nut peg stick round wooden red green blue yellow and onto into on in of "
+    "from a an it its top bottom left right drawer door coffee make pod mug tool hang handle three pieces"
+)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def build_tokenizer(instructions: list[str] | tuple[str, ...] = ()):
+    """Word-level tokenizer: 4 specials, words, ``<extra_i>`` padding to TEXT_VOCAB, then ``<act_0..255>``."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    words: list[str] = []
+    pre = pre_tokenizers.Whitespace()
+    text = " ".join([BASE_WORDS, PROMPT.format(instruction=""), *instructions]).lower()
+    for w, _ in pre.pre_tokenize_str(text):
+        if w not in words:
+            words.append(w)
+    if len(SPECIALS) + len(words) > TEXT_VOCAB:
+        raise UserError(f"instructions need {len(words)} distinct words, more than the tiny tokenizer's "
+                        f"{TEXT_VOCAB - len(SPECIALS)} text slots", "dataset instructions",
+                        "use fewer distinct instructions or a kind: hf model")
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for w in words:
+        vocab[w] = len(vocab)
+    while len(vocab) < TEXT_VOCAB:
+        vocab[f"<extra_{len(vocab)}>"] = len(vocab)
+    for b in range(N_BINS):
+        vocab[f"<act_{b}>"] = len(vocab)
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre
+    return tok
+
+
+def _wrap_fast(tok):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+# -------------------------------------------------------------------------------------------------- model
+class TinyVLAConfig(PretrainedConfig):
+    model_type = "apo_tiny_vla"
+
+    def __init__(self, vision_kind: str = "resnet", vision_config: dict | None = None,
+                 text_config: dict | None = None, image_size: int = 64, use_proprio: bool = False,
+                 proprio_dim: int = 9, n_image_tokens: int = 16, **kwargs: Any) -> None:
+        self.vision_kind = vision_kind
+        self.vision_config = vision_config or {}
+        self.text_config = text_config or {}
+        self.image_size = image_size
+        self.use_proprio = use_proprio
+        self.proprio_dim = proprio_dim
+        self.n_image_tokens = n_image_tokens
+        super().__init__(**kwargs)
+
+
+class TinyVLA(PreTrainedModel):
+    """Vision model → projector → (proprio) → Llama. Sequence: [image][proprio][left-padded prompt][actions]."""
+
+    config_class = TinyVLAConfig
+    base_model_prefix = "vla"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    def __init__(self, config: TinyVLAConfig) -> None:
+        super().__init__(config)
+        h = config.text_config["hidden_size"]
+        if config.vision_kind == "resnet":
+            self.vision = ResNetModel(ResNetConfig(**config.vision_config))
+            vdim = config.vision_config["hidden_sizes"][-1]
+        elif config.vision_kind == "vit":
+            self.vision = ViTModel(ViTConfig(**config.vision_config), add_pooling_layer=False)
+            vdim = config.vision_config["hidden_size"]
+        else:
+            raise ValueError(f"unknown vision_kind {config.vision_kind!r}")
+        self.projector = nn.Sequential(nn.Linear(vdim, h), nn.GELU(), nn.Linear(h, h))
+        self.proprio_proj = (nn.Sequential(nn.Linear(config.proprio_dim, h), nn.LayerNorm(h))
+                             if config.use_proprio else None)
+        self.llm = LlamaForCausalLM(LlamaConfig(**config.text_config))
+        self.post_init()
+        self.train(self.training)  # nn.Module.__init__ does not go through train(): freeze BN stats now
+
+    def train(self, mode: bool = True) -> TinyVLA:
+        # BatchNorm keeps its fixed statistics: a sample's log-prob must not depend on what else is in the
+        # batch (cached vs live reference, stacked scoring sets, micro-batch 8 vs 64). Its affine part trains.
+        super().train(mode)
+        for m in self.vision.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+    def encode_images(self, pixel_values: torch.Tensor, proprio: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,3,H,W) in [-1,1] (+ (B,9) proprio) → (B, T, hidden) prefix embeddings."""
+        if self.config.vision_kind == "resnet":
+            feats = self.vision(pixel_values).last_hidden_state.flatten(2).transpose(1, 2)
+        else:
+            feats = self.vision(pixel_values).last_hidden_state[:, 1:]
+        x = self.projector(feats)
+        if self.proprio_proj is not None:
+            if proprio is None:
+                raise ValueError("this model was built with use_proprio; pass proprio")
+            x = torch.cat([x, self.proprio_proj(proprio.to(x.dtype)).unsqueeze(1)], dim=1)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, proprio: torch.Tensor | None = None,
+                image_embeds: torch.Tensor | None = None, logits_to_keep: int = 0,
+                cache: Any = None, use_cache: bool = False, position_ids: torch.Tensor | None = None,
+                **_: Any):
+        """HF-style forward. With ``cache`` set, ``input_ids`` are the next tokens only (decoding)."""
+        tok = self.llm.get_input_embeddings()(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if cache is None:
+            img = image_embeds if image_embeds is not None else self.encode_images(pixel_values, proprio)
+            embeds = torch.cat([img.to(tok.dtype), tok], dim=1)
+            mask = torch.cat([attention_mask.new_ones(img.shape[:2]), attention_mask], dim=1)
+        else:
+            embeds, mask = tok, attention_mask
+        if position_ids is None:
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                        logits_to_keep=logits_to_keep, cache=cache, use_cache=use_cache)
+
+
+def tiny_config(mc: ModelConfig, image_size: int = 64) -> TinyVLAConfig:
+    """Default: 64×64 image → ResNet stages to a 4×4 grid = 16 image tokens; hidden 128, 4-layer Llama."""
+    grid = image_size // mc.patch_size
+    if grid < 1 or image_size % mc.patch_size:
+        raise UserError(f"image_size {image_size} is not a multiple of model.patch_size {mc.patch_size}",
+                        "config model.patch_size", "use a patch size that divides the image size")
+    if mc.vision == "resnet":
+        # stem (conv s2 + maxpool s2) gives /4, then one stride-2 stage per further halving
+        n_stages = 1 + int(round(math.log2(mc.patch_size / 4)))
+        v = mc.vision_hidden_size
+        widths = [max(8, v >> (n_stages - 1 - i)) for i in range(n_stages)]
+        vision = dict(num_channels=3, embedding_size=widths[0], hidden_sizes=widths,
+                      depths=[max(1, mc.vision_layers // 2)] * n_stages, layer_type="basic",
+                      downsample_in_first_stage=False, hidden_act="relu")
+    else:
+        vision = dict(image_size=image_size, patch_size=mc.patch_size, num_channels=3,
+                      hidden_size=mc.vision_hidden_size, num_hidden_layers=mc.vision_layers,
+                      num_attention_heads=max(1, mc.vision_hidden_size // 32),
+                      intermediate_size=4 * mc.vision_hidden_size)
+    text = dict(vocab_size=VOCAB_SIZE, hidden_size=mc.hidden_size, intermediate_size=4 * mc.hidden_size,
+                num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads,
+                num_key_value_heads=mc.num_heads, max_position_embeddings=256, pad_token_id=PAD_ID,
+                bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False)
+    return TinyVLAConfig(vision_kind=mc.vision, vision_config=vision, text_config=text, image_size=image_size,
+                         use_proprio=mc.use_proprio, n_image_tokens=grid * grid)
+
+
+# ----------------------------------------------------------------------------------------- inputs/meta
+@dataclass(frozen=True)
+class VLAMeta:
+    """What turns observations into model inputs and tokens back into actions (saved as apo_vla.json)."""
+
+    kind: str
+    image_size: int
+    use_proprio: bool
+    action_offset: int
+    """Token id of bin 0: vocab_size − 256."""
+    eos_id: int
+    pad_id: int
+    bos_id: int
+    action_stats: dict
+    default_instruction: str = ""
+    base_path: str = ""
+    """kind hf: the base model directory the LoRA adapter belongs to."""
+    model: dict | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class VLAInputs:
+    """A batch of N prompts. pixel_values (N,3,S,S) float in [-1,1]; input_ids/attention_mask (N,P) prompt,
+    left-padded, starting with BOS; proprio (N,9) float32 or None."""
+
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    proprio: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> VLAInputs:
+        px = self.pixel_values.to(device)
+        pr = self.proprio.to(device) if self.proprio is not None else None
+        if dtype is not None:
+            px = px.to(dtype)
+            pr = pr.to(dtype) if pr is not None else None
+        return VLAInputs(px, self.input_ids.to(device), self.attention_mask.to(device), pr)
+
+
+class Processor:
+    """Tokenizes prompts (cached per instruction) and converts uint8 images to pixel tensors."""
+
+    def __init__(self, tokenizer, meta: VLAMeta) -> None:
+        self.tokenizer = tokenizer  # a tokenizers.Tokenizer or an HF tokenizer
+        self.meta = meta
+        self._cache: dict[str, list[int]] = {}
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        ids = self._cache.get(instruction)
+        if ids is None:
+            text = PROMPT.format(instruction=instruction.strip().rstrip("?.").strip())
+            if hasattr(self.tokenizer, "encode") and hasattr(self.tokenizer, "get_vocab_size"):
+                ids = [self.meta.bos_id, *self.tokenizer.encode(text, add_special_tokens=False).ids]
+            else:
+                ids = [self.meta.bos_id, *self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+            self._cache[instruction] = ids
+        return ids
+
+    def images(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        if x.shape[-1] != self.meta.image_size or x.shape[-2] != self.meta.image_size:
+            x = F.interpolate(x, size=(self.meta.image_size, self.meta.image_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return x
+
+    def __call__(self, images: np.ndarray, instructions: list[str], proprio: np.ndarray | None = None) -> VLAInputs:
+        seqs = [self.prompt_ids(s) for s in instructions]
+        p = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), p), self.meta.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), p), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, p - len(s):] = torch.tensor(s)
+            mask[i, p - len(s):] = 1
+        pr = torch.from_numpy(np.asarray(proprio, dtype=np.float32)) if (
+            self.meta.use_proprio and proprio is not None) else None
+        return VLAInputs(self.images(images), ids, mask, pr)
+
+
+# ------------------------------------------------------------------------------------- actions <-> bins
+def bin_centers(n_bins: int = N_BINS) -> np.ndarray:
+    """Centres of ``n_bins`` uniform bins over [-1, 1] (bin b covers [-1 + 2b/n, -1 + 2(b+1)/n))."""
+    return -1.0 + (np.arange(n_bins) + 0.5) * (2.0 / n_bins)
+
+
+def denormalize(action_norm: np.ndarray, stats: dict) -> np.ndarray:
+    """Inverse of the q01/q99 → [-1,1] map; dims with ``normalize`` false (the gripper) pass through."""
+    try:
+        lo = np.asarray(stats["q01"], dtype=np.float32)
+        hi = np.asarray(stats["q99"], dtype=np.float32)
+    except KeyError as e:
+        raise UserError(f"action statistics lack {e.args[0]}", META_FILE, "rebuild the dataset/checkpoint") from None
+    mask = np.asarray(stats.get("normalize", stats.get("mask", [True] * (ACTION_DIM - 1) + [False])), dtype=bool)
+    out = 0.5 * (action_norm + 1.0) * (hi - lo) + lo
+    return np.where(mask, out, action_norm).astype(np.float32)
+
+
+def tokens_to_actions(tokens: np.ndarray, meta: VLAMeta) -> np.ndarray:
+    bins = np.clip(np.asarray(tokens) - meta.action_offset, 0, N_BINS - 1)
+    return denormalize(bin_centers()[bins], meta.action_stats)
+
+
+# ------------------------------------------------------------------------------------------- scoring
+@dataclass
+class TokenScores:
+    """For one set of 7 action tokens per sample: per-token log-probs of the 7 tokens + EOS (N,8) and the
+    argmax action token at each of the 7 positions (N,7), restricted to the action range."""
+
+    token_logp: torch.Tensor
+    pred_tokens: torch.Tensor
+
+    @property
+    def logp(self) -> torch.Tensor:  # 7 action tokens + EOS
+        return self.token_logp.sum(dim=1)
+
+    @property
+    def logp_u(self) -> torch.Tensor:  # 7 action tokens
+        return self.token_logp[:, :ACTION_DIM].sum(dim=1)
+
+
+def score_actions(model: nn.Module, inputs: VLAInputs, token_sets: list[torch.Tensor], meta: VLAMeta) -> list[TokenScores]:
+    """Score several action-token sets (each (N,7)) for the same observations in one LLM forward.
+
+    The image encoder runs once (tiny kind) and its embeddings are shared across the sets; the K sets are
+    stacked along the batch. Logits are only computed for the 8 scored positions.
+    """
+    k, n = len(token_sets), inputs.input_ids.shape[0]
+    dev = inputs.input_ids.device
+    eos = torch.full((n, 1), meta.eos_id, dtype=torch.long, device=dev)
+    ids = torch.cat([torch.cat([inputs.input_ids, t.long().to(dev), eos], dim=1) for t in token_sets], dim=0)
+    amask = torch.cat([inputs.attention_mask, inputs.attention_mask.new_ones(n, N_SCORED)], dim=1).repeat(k, 1)
+    core = _core(model)
+    if isinstance(core, TinyVLA):
+        img = core.encode_images(inputs.pixel_values, inputs.proprio)
+        out = model(input_ids=ids[:, :-1], attention_mask=amask[:, :-1], image_embeds=img.repeat(k, 1, 1),
+                    logits_to_keep=N_SCORED)
+        logits = out.logits
+    else:
+        px = inputs.pixel_values.repeat(k, 1, 1, 1)
+        logits = model(input_ids=ids[:, :-1], attention_mask=amask[:, :-1], pixel_values=px).logits[:, -N_SCORED:]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    targets = ids[:, -N_SCORED:]
+    tok_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    lo, hi = meta.action_offset, meta.action_offset + N_BINS
+    pred = logits[:, :ACTION_DIM, lo:hi].argmax(dim=-1) + lo
+    return [TokenScores(tok_logp[i * n:(i + 1) * n], pred[i * n:(i + 1) * n]) for i in range(k)]
+
+
+def decoded_l1(pred_tokens: torch.Tensor, label_tokens: torch.Tensor, meta: VLAMeta) -> torch.Tensor:
+    """Mean |bin centre(pred) − bin centre(label)| over the 7 dims, in normalised action space (N,)."""
+    centers = torch.as_tensor(bin_centers(), dtype=torch.float32, device=pred_tokens.device)
+    p = centers[(pred_tokens - meta.action_offset).clamp(0, N_BINS - 1)]
+    t = centers[(label_tokens.long() - meta.action_offset).clamp(0, N_BINS - 1)]
+    return (p - t).abs().mean(dim=1)
+
+
+def _core(model: nn.Module) -> nn.Module:
+    """The underlying model behind DeepSpeed / peft wrappers."""
+    m = model
+    for attr in ("module", "base_model", "model"):
+        while hasattr(m, attr) and isinstance(getattr(m, attr), nn.Module) and not isinstance(m, TinyVLA):
+            m = getattr(m, attr)
+    return m
+
+
+# ------------------------------------------------------------------------------------ build/save/load
+def build_model(mc: ModelConfig, action_stats: dict, image_size: int = 64, instructions: list[str] | tuple = (),
+                seed: int = 0):
+    """A fresh model + processor. kind tiny: from configs; kind hf: the local VLA at ``mc.path`` (+ LoRA)."""
+    if mc.kind == "hf":
+        return load_hf(mc, action_stats, image_size)
+    if mc.kind != "tiny":
+        raise UserError(f"unknown model.kind '{mc.kind}'", "config model.kind", "use tiny or hf")
+    torch.manual_seed(seed)
+    model = TinyVLA(tiny_config(mc, image_size))
+    tok = build_tokenizer(list(instructions))
+    uniq = sorted(set(instructions))
+    meta = VLAMeta(kind="tiny", image_size=image_size, use_proprio=mc.use_proprio, action_offset=VOCAB_SIZE - N_BINS,
+                   eos_id=EOS_ID, pad_id=PAD_ID, bos_id=BOS_ID, action_stats=_plain(action_stats),
+                   default_instruction=uniq[0] if len(uniq) == 1 else "", model=asdict(mc))
+    return model, Processor(tok, meta)
+
+
+def load_hf(mc: ModelConfig, action_stats: dict, image_size: int = 224):
+    """Load a local HF VLA directory (``trust_remote_code``) and wrap it with a LoRA adapter via peft."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForVision2Seq, AutoTokenizer
+
+    path = Path(mc.path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"no HF model at '{path}' (config.json missing)", "config model.path",
+                        "point model.path at a local HF VLA directory")
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    auto_map = getattr(cfg, "auto_map", {}) or {}
+    loader = AutoModelForVision2Seq if "AutoModelForVision2Seq" in auto_map else AutoModelForCausalLM
+    model = loader.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    if mc.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=mc.lora_r, lora_alpha=mc.lora_alpha, lora_dropout=0.0,
+                                                 target_modules="all-linear", init_lora_weights="gaussian"))
+    vocab = int(getattr(tok, "vocab_size", len(tok)))
+    size = int(getattr(cfg, "image_size", 0) or image_size)
+    meta = VLAMeta(kind="hf", image_size=size, use_proprio=False, action_offset=vocab - N_BINS,
+                   eos_id=int(tok.eos_token_id), pad_id=int(tok.pad_token_id if tok.pad_token_id is not None else 0),
+                   bos_id=int(tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id),
+                   action_stats=_plain(action_stats), base_path=str(path.resolve()), model=asdict(mc))
+    return model, Processor(tok, meta)
+
+
+def save_checkpoint(model: nn.Module, proc: Processor, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Write an HF-format checkpoint dir (safetensors + tokenizer + apo_vla.json). Atomic: temp dir, rename."""
+    import shutil
+    import tempfile
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=fsio.TMP_PREFIX + out.name + ".", dir=out.parent))
+    try:
+        m = model.module if hasattr(model, "module") and not isinstance(model, PreTrainedModel) else model
+        if proc.meta.kind == "hf" and hasattr(m, "peft_config"):
+            m.save_pretrained(tmp / "adapter", state_dict=state_dict, safe_serialization=True)
+        else:
+            m.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tok = proc.tokenizer
+        if hasattr(tok, "get_vocab_size"):
+            _wrap_fast(tok).save_pretrained(tmp)
+        else:
+            tok.save_pretrained(tmp)
+        fsio.write_json(tmp / META_FILE, proc.meta.to_json())
+        if out.exists():
+            old = out.with_name(fsio.TMP_PREFIX + out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_policy(ckpt_dir: str | Path, trainable: bool = False):
+    """Load a checkpoint dir → (model, processor, action_stats). Missing/corrupt dirs raise UserError."""
+    d = Path(ckpt_dir)
+    if (d / "checkpoint" / META_FILE).is_file():  # accept a training out dir too
+        d = d / "checkpoint"
+    meta_path = d / META_FILE
+    if not meta_path.is_file():
+        raise UserError(f"not a VLA checkpoint: {META_FILE} missing", str(d),
+                        "pass the checkpoint/ dir written by apo-ray train")
+    try:
+        meta = VLAMeta(**json.loads(meta_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise UserError(f"corrupt {META_FILE}: {e}", str(meta_path), "retrain or restore the checkpoint") from None
+    try:
+        if meta.kind == "tiny":
+            from tokenizers import Tokenizer
+
+            model = TinyVLA.from_pretrained(d)
+            tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        else:
+            mc = ModelConfig(**{**(meta.model or {}), "kind": "hf", "path": meta.base_path, "lora_r": 0})
+            model, proc = load_hf(mc, meta.action_stats, meta.image_size)
+            if (d / "adapter").is_dir():
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, d / "adapter", is_trainable=trainable)
+            tok = proc.tokenizer
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load checkpoint: {first}", str(d), "retrain or restore the checkpoint") from None
+    model.train(trainable)
+    if not trainable:
+        model.requires_grad_(False)
+    return model, Processor(tok, meta), meta.action_stats
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple | np.ndarray):
+        return [_plain(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
