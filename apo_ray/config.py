@@ -160,6 +160,15 @@ class LoopConfig:
     arms: tuple[str, ...] = ("apo",)
     scenarios: tuple[str, ...] = ("position",)
     share_round1: bool = False
+    """Deploy pi0 once in round 1 and give every arm the same round-1 data (a cheaper comparison)."""
+    base_objective: str = "bc"
+    """Objective of the round-0 base policy pi0, trained from scratch on the expert demos."""
+    base_epochs: int = 0
+    """Round-0 epochs (0 = ``train.epochs``)."""
+    base_max_steps: int = 0
+    """Round-0 optimizer-step cap (0 = ``train.max_steps``)."""
+    base_lr: float = 0.0
+    """Round-0 learning rate (0 = ``train.lr``)."""
     storage: str = ""
     """Run-dir storage URI (local path or ``s3://``); empty = the ``--run-dir`` given on the CLI."""
 
