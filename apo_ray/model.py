@@ -43,7 +43,7 @@ from transformers import (  # noqa: E402
     ViTModel,
 )
 
-from apo_ray import fsio  # noqa: E402
+from apo_ray import actions, fsio  # noqa: E402
 from apo_ray.config import ModelConfig  # noqa: E402
 from apo_ray.errors import UserError  # noqa: E402
 
@@ -296,26 +296,12 @@ class Processor:
 
 
 # ------------------------------------------------------------------------------------- actions <-> bins
-def bin_centers(n_bins: int = N_BINS) -> np.ndarray:
-    """Centres of ``n_bins`` uniform bins over [-1, 1] (bin b covers [-1 + 2b/n, -1 + 2(b+1)/n))."""
-    return -1.0 + (np.arange(n_bins) + 0.5) * (2.0 / n_bins)
-
-
-def denormalize(action_norm: np.ndarray, stats: dict) -> np.ndarray:
-    """Inverse of the q01/q99 → [-1,1] map; dims with ``normalize`` false (the gripper) pass through."""
-    try:
-        lo = np.asarray(stats["q01"], dtype=np.float32)
-        hi = np.asarray(stats["q99"], dtype=np.float32)
-    except KeyError as e:
-        raise UserError(f"action statistics lack {e.args[0]}", META_FILE, "rebuild the dataset/checkpoint") from None
-    mask = np.asarray(stats.get("normalize", stats.get("mask", [True] * (ACTION_DIM - 1) + [False])), dtype=bool)
-    out = 0.5 * (action_norm + 1.0) * (hi - lo) + lo
-    return np.where(mask, out, action_norm).astype(np.float32)
-
-
 def tokens_to_actions(tokens: np.ndarray, meta: VLAMeta) -> np.ndarray:
-    bins = np.clip(np.asarray(tokens) - meta.action_offset, 0, N_BINS - 1)
-    return denormalize(bin_centers()[bins], meta.action_stats)
+    """Action token ids (..., 7) → raw continuous actions at the bin centres (``apo_ray.actions``)."""
+    if "q01" not in meta.action_stats or "q99" not in meta.action_stats:
+        raise UserError("action statistics lack q01/q99", META_FILE, "rebuild the dataset and retrain")
+    stats = {"mask": [True] * (ACTION_DIM - 1) + [False], **meta.action_stats}
+    return actions.detokenize(tokens, stats, meta.action_offset + N_BINS)
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -364,9 +350,38 @@ def score_actions(model: nn.Module, inputs: VLAInputs, token_sets: list[torch.Te
     return [TokenScores(tok_logp[i * n:(i + 1) * n], pred[i * n:(i + 1) * n]) for i in range(k)]
 
 
+def rolled(tokens: torch.Tensor, group: int) -> torch.Tensor:
+    """Mismatched pairs: row i gets row i+1's tokens, wrapping inside each micro-batch of ``group`` rows."""
+    n = tokens.shape[0]
+    return tokens.reshape(n // group, group, *tokens.shape[1:]).roll(-1, dims=1).reshape(tokens.shape)
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, proc: Processor, images: np.ndarray, instructions: list[str],
+                    action_tokens: np.ndarray, oracle_tokens: np.ndarray | None = None,
+                    proprio: np.ndarray | None = None, group: int = 8) -> dict[str, np.ndarray]:
+    """The reference stage's columns for N = G·group samples (one or more micro-batches):
+    ``ref_logp`` (7 action tokens + EOS), ``ref_logp_u`` (7 tokens), ``ref_kl_logp`` (row i+1's 7 tokens,
+    wrapping in the micro-batch) and, with oracle tokens, ``ref_logp_oracle`` (oracle tokens + EOS).
+    The trainer's live reference computes the same numbers with the same function calls."""
+    model.eval()
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    inp = proc(images, instructions, proprio).to(dev, dtype)
+    own = torch.as_tensor(np.asarray(action_tokens), dtype=torch.long, device=dev)
+    sets = [own, rolled(own, group)]
+    if oracle_tokens is not None:
+        sets.append(torch.as_tensor(np.asarray(oracle_tokens), dtype=torch.long, device=dev))
+    sc = score_actions(model, inp, sets, proc.meta)
+    out = {"ref_logp": sc[0].logp, "ref_logp_u": sc[0].logp_u, "ref_kl_logp": sc[1].logp_u}
+    if oracle_tokens is not None:
+        out["ref_logp_oracle"] = sc[2].logp
+    return {k: v.float().cpu().numpy().astype(np.float32) for k, v in out.items()}
+
+
 def decoded_l1(pred_tokens: torch.Tensor, label_tokens: torch.Tensor, meta: VLAMeta) -> torch.Tensor:
     """Mean |bin centre(pred) − bin centre(label)| over the 7 dims, in normalised action space (N,)."""
-    centers = torch.as_tensor(bin_centers(), dtype=torch.float32, device=pred_tokens.device)
+    centers = torch.as_tensor(actions.bin_centers(np.arange(N_BINS)), dtype=torch.float32, device=pred_tokens.device)
     p = centers[(pred_tokens - meta.action_offset).clamp(0, N_BINS - 1)]
     t = centers[(label_tokens.long() - meta.action_offset).clamp(0, N_BINS - 1)]
     return (p - t).abs().mean(dim=1)
