@@ -379,6 +379,23 @@ def reference_logps(model: nn.Module, proc: Processor, images: np.ndarray, instr
     return {k: v.float().cpu().numpy().astype(np.float32) for k, v in out.items()}
 
 
+def reference_logp_fn(checkpoint: str | Path):
+    """``fn(micro_batch, tokens (B,7), with_eos) -> (B,)`` summed reference log-probs (the dataset's reference
+    stage, :data:`apo_ray.data.LogpFn`); same scoring code as the trainer's live reference."""
+    ref, proc, _ = load_policy(checkpoint)
+    ref.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    dev = next(ref.parameters()).device
+    dtype = next(ref.parameters()).dtype
+
+    @torch.no_grad()
+    def fn(mb: dict[str, np.ndarray], tokens: np.ndarray, with_eos: bool) -> np.ndarray:
+        inp = proc(mb["image"], [str(x) for x in mb["instruction"]], mb.get("proprio")).to(dev, dtype)
+        sc = score_actions(ref, inp, [torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=dev)], proc.meta)[0]
+        return (sc.logp if with_eos else sc.logp_u).float().cpu().numpy().astype(np.float32)
+
+    return fn
+
+
 def decoded_l1(pred_tokens: torch.Tensor, label_tokens: torch.Tensor, meta: VLAMeta) -> torch.Tensor:
     """Mean |bin centre(pred) − bin centre(label)| over the 7 dims, in normalised action space (N,)."""
     centers = torch.as_tensor(actions.bin_centers(np.arange(N_BINS)), dtype=torch.float32, device=pred_tokens.device)
