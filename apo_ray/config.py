@@ -139,6 +139,8 @@ class TrainConfig:
     """Use CUDA (bf16) when the cluster has GPUs."""
     weight_decay: float = 0.0
     log_every: int = 1
+    max_failures: int = 1
+    """Worker-group restarts (from the last checkpoint) before the run fails."""
     mlflow_uri: str = ""
     """Also log metrics to this MLflow tracking URI (needs mlflow installed)."""
 

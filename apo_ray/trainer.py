@@ -1,0 +1,439 @@
+"""Ray Train ``TorchTrainer`` whose workers train the VLA in a DeepSpeed engine against a frozen reference.
+
+Data: the dataset's Parquet rows (one row = one balanced micro-batch) through ``get_dataset_shard``; a step
+takes ``grad_accum`` rows and computes the loss per micro-batch (λ, KL estimate, reduction), then averages —
+exactly gradient accumulation over micro-batches, in one forward. Reference: the dataset's ``ref_*`` columns
+when present (no reference forward at all), else a frozen replica per worker (ZeRO-3-sharded with the policy).
+Checkpoints: ``ray.train.report`` with an HF-format model (``hf/``), the DeepSpeed state (``ds/``) and the
+position (``state.json``); a restarted worker group resumes from that step. A NaN/inf loss stops the run
+without checkpointing it; the driver then raises one clear error naming the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apo_ray import fsio
+from apo_ray.config import Config, from_dict
+from apo_ray.errors import UserError
+from apo_ray.loss import NEEDS_REFERENCE, NEEDS_UNDESIRABLE, OBJECTIVES
+
+REF_COLUMNS = ("ref_logp", "ref_logp_u", "ref_kl_logp")
+BASE_COLUMNS = ("image", "proprio", "instruction", "action_tokens", "oracle_tokens", "c", "is_expert")
+NAN_MARKER = "NONFINITE.json"
+FAIL_ENV = "APO_RAY_FAIL_AT_STEP"
+"""Fault injection for tests/chaos: the last worker raises once at this step (first attempt only)."""
+
+
+# ------------------------------------------------------------------------------------------- driver side
+def _inspect_dataset(data_dir: Path) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    mf = data_dir / "manifest.json"
+    if not mf.is_file():
+        raise UserError("no training set: manifest.json missing", str(data_dir), "pass a dir written by apo-ray dataset")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError:
+        raise UserError("manifest.json is not valid JSON", str(mf), "rebuild the dataset") from None
+    stats = manifest.get("action_stats") or {}
+    if "q01" not in stats or "q99" not in stats:
+        raise UserError("the dataset has no action statistics (q01/q99)", str(mf), "rebuild it with apo-ray dataset")
+    shards = sorted((data_dir / "shards").glob("part-*.parquet"))
+    if not shards:
+        raise UserError("the dataset has no shards", str(data_dir / "shards"), "rebuild it with apo-ray dataset")
+    schema = pq.read_schema(shards[0])
+    missing = [c for c in BASE_COLUMNS if c not in schema.names]
+    if missing:
+        raise UserError(f"shards lack columns {missing}", str(shards[0]), "rebuild the dataset with this version")
+    rows, instructions, c_counts = 0, set(), np.zeros(3, dtype=np.int64)
+    for s in shards:
+        t = pq.read_table(s, columns=["instruction", "c"])
+        rows += t.num_rows
+        for lst in t.column("instruction").to_pylist():
+            instructions.update(lst)
+        for lst in t.column("c").to_pylist():
+            c_counts += np.bincount(np.asarray(lst, dtype=np.int64), minlength=3)[:3]
+    first = pq.read_table(shards[0], columns=["image"]).slice(0, 1)
+    from apo_ray.schema import column_to_numpy
+
+    img = column_to_numpy(first.column("image"))  # (1, B, H, W, 3)
+    return {"manifest": manifest, "shards": [str(s) for s in shards], "rows": rows,
+            "batch_size": int(img.shape[1]), "image_size": int(img.shape[2]),
+            "instructions": sorted(instructions), "c_counts": c_counts.tolist(),
+            "has_ref": all(c in schema.names for c in REF_COLUMNS),
+            "has_ref_oracle": "ref_logp_oracle" in schema.names}
+
+
+def _reference_mode(cfg: Config, info: dict, init: str) -> str:
+    t = cfg.train
+    if t.objective not in NEEDS_REFERENCE:
+        return "none"
+    need_oracle = t.objective == "dpo"
+    cached_ok = info["has_ref"] and (info["has_ref_oracle"] or not need_oracle)
+    ref = (info["manifest"].get("reference") or {}).get("checkpoint", "")
+    same = bool(ref) and init != "scratch" and _same_ckpt(ref, init)
+    if t.reference == "cached":
+        if not cached_ok:
+            raise UserError("train.reference=cached but the dataset has no reference log-prob columns",
+                            "config train.reference", "build the dataset with --ref-checkpoint, or use live")
+        if ref and not same:
+            raise UserError(f"the dataset's reference log-probs come from {ref}, not from --init {init}",
+                            "config train.reference", "rebuild the dataset with this reference or use live")
+        return "cached"
+    if t.reference == "live":
+        return "live"
+    if t.reference != "auto":
+        raise UserError(f"unknown train.reference '{t.reference}'", "config train.reference", "auto, cached or live")
+    return "cached" if cached_ok and same else "live"
+
+
+def _same_ckpt(a: str, b: str) -> bool:
+    def norm(p: str) -> Path:
+        q = Path(p).resolve()
+        return q / "checkpoint" if (q / "checkpoint").is_dir() else q
+
+    return norm(a) == norm(b)
+
+
+def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, address: str | None = None) -> dict:
+    """Train ``cfg.train.objective`` on the dataset at ``data_dir`` from ``init`` (a checkpoint dir or
+    ``scratch``); writes ``out_dir/checkpoint/`` (HF format), ``out_dir/metrics.json``, ``out_dir/tb/``."""
+    t = cfg.train
+    if t.objective not in OBJECTIVES:
+        raise UserError(f"unknown objective '{t.objective}'", "--objective", f"use one of {', '.join(OBJECTIVES)}")
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    info = _inspect_dataset(data_dir)
+    if t.objective in NEEDS_UNDESIRABLE and info["c_counts"][0] == 0:
+        raise UserError(f"objective {t.objective} needs undesirable (c=0) samples and the dataset has none",
+                        str(data_dir), "collect with the corrector on (k>0), or use --objective bc/dagger")
+    if init != "scratch":
+        from apo_ray.model import META_FILE
+
+        p = Path(init)
+        if not ((p / META_FILE).is_file() or (p / "checkpoint" / META_FILE).is_file()):
+            raise UserError(f"--init checkpoint missing or incomplete ({META_FILE} not found)", str(p),
+                            "pass a checkpoint dir written by apo-ray train, or scratch")
+        init = str(p.resolve())
+    ref_mode = _reference_mode(cfg, info, init)
+    world = t.workers
+    steps_per_epoch = info["rows"] // world // t.grad_accum
+    if steps_per_epoch == 0:
+        raise UserError(f"{info['rows']} micro-batches cannot feed {world} workers × grad_accum {t.grad_accum}",
+                        str(data_dir), "use fewer workers, a smaller train.grad_accum or more data")
+    total = steps_per_epoch * t.epochs
+    if t.max_steps:
+        total = min(total, t.max_steps)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / NAN_MARKER).unlink(missing_ok=True)
+    fsio.write_json(out_dir / "config.json", cfg.to_dict())
+    loop_cfg = {"cfg": cfg.to_dict(), "init": init, "out_dir": str(out_dir.resolve()), "ref_mode": ref_mode,
+                "action_stats": info["manifest"]["action_stats"], "image_size": info["image_size"],
+                "instructions": info["instructions"], "group": info["batch_size"],
+                "steps_per_epoch": steps_per_epoch, "total_steps": total,
+                "fail_at_step": int(os.environ.get(FAIL_ENV, "0") or 0)}
+    from apo_ray.ray_utils import ray_session
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".venv" / "torch_extensions"))
+    with ray_session(address):
+        result = _fit(loop_cfg, info, out_dir, t)
+    marker = out_dir / NAN_MARKER
+    if marker.is_file():
+        bad = json.loads(marker.read_text())
+        last = out_dir / "checkpoint"
+        raise UserError(f"loss became {bad['value']} at step {bad['step']}; training stopped",
+                        str(out_dir), f"last good checkpoint: {last if last.is_dir() else 'none'}; "
+                        f"lower train.lr or check the data")
+    return result
+
+
+def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
+    import ray
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cols = list(BASE_COLUMNS) + (list(REF_COLUMNS) + (["ref_logp_oracle"] if info["has_ref_oracle"] else [])
+                                 if loop_cfg["ref_mode"] == "cached" else [])
+    ds = ray.data.read_parquet(info["shards"], columns=cols, num_cpus=0.25)
+    use_gpu = bool(t.use_gpu and ray.cluster_resources().get("GPU", 0) >= t.workers)
+    os.environ["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", "")
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name="train", storage_path=str((out_dir / "ray").resolve()),
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds},
+        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; surface the root cause on one line
+        if (out_dir / NAN_MARKER).is_file():
+            return {}
+        raise RuntimeError(f"training failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}") from e
+    metrics = dict(result.metrics or {})
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            src = Path(d) / "hf"
+            dest = out_dir / "checkpoint"
+            tmp = out_dir / (fsio.TMP_PREFIX + "checkpoint")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            if dest.exists():
+                shutil.rmtree(dest)
+            tmp.rename(dest)
+    fsio.write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------- worker side
+def _lr_lambda(warmup: int, total: int):
+    """Linear warmup from 0.1× over ``warmup`` steps, then cosine decay to 0 (the paper's code)."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return 0.1 + 0.9 * step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _ds_config(t, micro: int, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _batch_arrays(b: dict) -> dict[str, np.ndarray]:
+    """Flatten R rows of B-sample micro-batches into N = R·B samples."""
+    out = {}
+    for k, v in b.items():
+        if k == "instruction":
+            out[k] = [str(s) for row in v for s in row]
+        else:
+            a = np.stack(list(v)) if v.dtype == object else np.asarray(v)
+            out[k] = a.reshape(-1, *a.shape[2:])
+    return out
+
+
+def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop reads best in one place
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from apo_ray import model as M
+    from apo_ray.loss import LossParams, Scores, objective_loss
+
+    cfg = from_dict(lc["cfg"])
+    t, mc = cfg.train, cfg.model
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cuda = torch.cuda.is_available() and t.use_gpu
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cuda else "cpu")
+    threads = t.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
+    torch.set_num_threads(threads)
+    torch.manual_seed(t.seed + rank)
+
+    # -- model + frozen reference (built from init, never from the resumed policy)
+    if lc["init"] == "scratch":
+        model, proc = M.build_model(mc, lc["action_stats"], lc["image_size"], lc["instructions"], seed=t.seed)
+    else:
+        model, proc, _ = M.load_policy(lc["init"], trainable=True)
+        model.requires_grad_(True) if proc.meta.kind == "tiny" else None
+        if proc.meta.kind == "tiny":
+            proc = M.Processor(proc.tokenizer, M.VLAMeta(**{**proc.meta.to_json(), "action_stats": lc["action_stats"]}))
+    model.train()
+    ref = None
+    if lc["ref_mode"] == "live":
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    meta = proc.meta
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps, lc["total_steps"]))
+    group = lc["group"]
+    ds_cfg = _ds_config(t, group * t.grad_accum, cuda)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if ref is not None:
+        if t.zero_stage == 3:  # shard the replica like the policy
+            ref_cfg = {k: v for k, v in ds_cfg.items() if k not in ("gradient_clipping",)}
+            ref, *_ = deepspeed.initialize(model=ref, config=ref_cfg)
+        else:
+            ref = ref.to(device=device, dtype=dtype)
+        ref.eval()
+
+    # -- resume
+    step, epoch0, skip = 0, 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag="ds")
+            st = json.loads((Path(d) / "state.json").read_text())
+        step, epoch0, skip = st["step"], st["epoch"], st["step_in_epoch"]
+
+    out_dir = Path(lc["out_dir"])
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"))
+    mlflow = None
+    if rank == 0 and t.mlflow_uri:
+        import mlflow  # noqa: PLC0415 - optional dependency, only when configured
+
+        mlflow.set_tracking_uri(t.mlflow_uri)
+        mlflow.start_run(run_name=out_dir.name)
+    params_loss = LossParams.from_train_config(t)
+
+    def allreduce_mean(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x / world
+
+    kl_reduce = allreduce_mean if (t.kl_allreduce and world > 1) else None
+    shard = ray.train.get_dataset_shard("train")
+    acc_keys = ("acc_c0", "acc_c1", "acc_c2", "acc_expert")
+    totals = {"samples": 0, "time": 0.0, "clamp_steps": 0, "ref_steps": 0}
+    last: dict[str, float] = {}
+
+    def save(metrics: dict, epoch: int, step_in_epoch: int) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag="ds")
+            sd = engine._zero3_consolidated_16bit_state_dict() if t.zero_stage == 3 else None
+            if rank == 0:
+                M.save_checkpoint(engine.module, proc, Path(tmp) / "hf", state_dict=sd)
+                fsio.write_json(Path(tmp) / "state.json", {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    stop = False
+    epoch = epoch0
+    for epoch in range(epoch0, t.epochs):
+        it = shard.iter_batches(batch_size=t.grad_accum, batch_format="numpy", drop_last=True, prefetch_batches=2)
+        step_in_epoch = 0
+        t0 = time.perf_counter()
+        for raw in it:
+            if step_in_epoch < skip:  # resumed mid-epoch: skip what the last checkpoint already trained on
+                step_in_epoch += 1
+                t0 = time.perf_counter()
+                continue
+            if step >= lc["total_steps"] or step_in_epoch >= lc["steps_per_epoch"]:
+                break
+            b = _batch_arrays(raw)
+            inp = proc(b["image"], b["instruction"], b["proprio"]).to(device, dtype)
+            own = torch.as_tensor(b["action_tokens"], dtype=torch.long, device=device)
+            c = torch.as_tensor(b["c"].astype(np.int64), device=device)
+            is_expert = torch.as_tensor(b["is_expert"].astype(bool), device=device)
+            sets = [own]
+            if t.objective in ("apo", "kto"):
+                sets.append(M.rolled(own, group))
+            if t.objective == "dpo":
+                sets.append(torch.as_tensor(b["oracle_tokens"], dtype=torch.long, device=device))
+            sc = M.score_actions(engine, inp, sets, meta)
+            l1 = M.decoded_l1(sc[0].pred_tokens, own, meta).detach()
+            s = Scores(logp=sc[0].logp, logp_u=sc[0].logp_u, token_logp=sc[0].token_logp, c=c,
+                       is_expert=is_expert, l1=l1, group=group)
+            if lc["ref_mode"] == "cached":
+                ref_cols = {k: torch.as_tensor(b[k], dtype=torch.float32, device=device)
+                            for k in (*REF_COLUMNS, "ref_logp_oracle") if k in b}
+                s.ref_logp, s.ref_logp_u = ref_cols["ref_logp"], ref_cols["ref_logp_u"]
+                s.ref_kl_logp = ref_cols["ref_kl_logp"]
+                s.ref_oracle_logp = ref_cols.get("ref_logp_oracle")
+            elif lc["ref_mode"] == "live":
+                with torch.no_grad():
+                    rs = M.score_actions(ref, inp, sets, meta)
+                s.ref_logp, s.ref_logp_u = rs[0].logp.float(), rs[0].logp_u.float()
+                if t.objective == "dpo":
+                    s.ref_oracle_logp = rs[1].logp.float()
+                else:
+                    s.ref_kl_logp = rs[1].logp_u.float()
+            if t.objective in ("apo", "kto"):
+                s.kl_logp = sc[1].logp_u
+            if t.objective == "dpo":
+                s.oracle_logp = sc[1].logp
+            loss, m = objective_loss(t.objective, s, params_loss, kl_reduce)
+            bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+            if world > 1:
+                dist.all_reduce(bad)
+            if bad.item() > 0:
+                if rank == 0:
+                    fsio.write_json(out_dir / NAN_MARKER, {"step": step + 1, "value": str(loss.item())})
+                stop = True
+                break
+            if lc["fail_at_step"] and step + 1 == lc["fail_at_step"] and rank == world - 1:
+                flag = out_dir / f".fault-injected-{lc['fail_at_step']}"
+                if not flag.exists():
+                    flag.write_text("1")
+                    raise RuntimeError(f"injected worker failure at step {step + 1}")
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            step_in_epoch += 1
+            dt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            n = own.shape[0]
+            totals["samples"] += n * world
+            totals["time"] += dt
+            with torch.no_grad():
+                correct = (sc[0].pred_tokens == own).float().mean(dim=1)
+                for key, mask in zip(acc_keys, (c == 0, (c == 1) & ~is_expert, c == 2, is_expert), strict=True):
+                    m[key] = correct[mask].mean().item() if bool(mask.any()) else float("nan")
+                m["token_acc"] = correct.mean().item()
+                m["l1"] = l1.mean().item()
+            if "kl_at_clamp" in m:
+                totals["ref_steps"] += 1
+                totals["clamp_steps"] += int(m["kl_at_clamp"] > 0)
+                m["kl_clamp_frac_steps"] = totals["clamp_steps"] / totals["ref_steps"]
+            m.update({"samples_per_s": n * world / dt, "lr": sched.get_last_lr()[0], "step": step, "epoch": epoch})
+            last = m
+            if writer is not None and step % max(1, t.log_every) == 0:
+                for k, v in m.items():
+                    if isinstance(v, float | int) and k not in ("step",) and math.isfinite(v):
+                        writer.add_scalar(f"train/{k}", v, step)
+                if mlflow is not None:
+                    mlflow.log_metrics({k: v for k, v in m.items() if isinstance(v, float) and math.isfinite(v)}, step=step)
+            if step % t.checkpoint_every == 0 and step < lc["total_steps"]:
+                save(_summary(last, totals), epoch, step_in_epoch)
+        skip = 0
+        if stop or step >= lc["total_steps"]:
+            break
+    if writer is not None:
+        writer.flush()
+        writer.close()
+    if mlflow is not None:
+        mlflow.end_run()
+    if not stop:
+        next_epoch_done = step_in_epoch >= lc["steps_per_epoch"]
+        save({**_summary(last, totals), "final": True}, epoch + (1 if next_epoch_done else 0),
+             0 if next_epoch_done else step_in_epoch)
+
+
+def _summary(last: dict, totals: dict) -> dict:
+    out = {k: v for k, v in last.items() if isinstance(v, float | int) and math.isfinite(v)}
+    out["samples_per_s_mean"] = totals["samples"] / totals["time"] if totals["time"] else 0.0
+    out["samples_seen"] = totals["samples"]
+    return out

@@ -1,0 +1,185 @@
+"""Trainer: a real Ray Train TorchTrainer + DeepSpeed run on a tiny dataset in the ARCHITECTURE.md layout,
+resume after an injected worker failure, cached vs live reference, bad input, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from apo_ray import config as C
+from apo_ray import fsio
+from apo_ray.errors import UserError
+from apo_ray.schema import tensor_array
+
+B, ROWS, IMG = 8, 6, 64
+STATS = {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}
+
+
+def make_dataset(out: Path, rows: int = ROWS, ref_ckpt: str | None = None, c_zero: bool = True, seed: int = 0) -> Path:
+    """Shards + manifest as apo-ray dataset writes them: one row = one balanced micro-batch of B samples."""
+    import pyarrow as pa
+
+    from apo_ray import model as M
+
+    rng = np.random.default_rng(seed)
+    vocab = M.VOCAB_SIZE
+    c = np.array([1, 1, 1, 1, 2, 2, 0 if c_zero else 1, 0 if c_zero else 1], dtype=np.int8)
+    pool = np.array([0, 0, 0, 0, 1, 1, 2, 2], dtype=np.int8)
+    images = rng.integers(0, 256, (rows, B, IMG, IMG, 3), dtype=np.uint8)
+    bins = rng.integers(0, 256, (rows, B, 7)).astype(np.int16)
+    tokens = (bins.astype(np.int32) + vocab - 256)
+    oracle = (rng.integers(0, 256, (rows, B, 7)) + vocab - 256).astype(np.int32)
+    instr = [["lift the cube"] * B for _ in range(rows)]
+    cols = {
+        "batch_id": pa.array(np.arange(rows, dtype=np.int64)),
+        "image": tensor_array(images),
+        "proprio": tensor_array(rng.standard_normal((rows, B, 9)).astype(np.float32)),
+        "instruction": pa.array(instr, type=pa.list_(pa.string())),
+        "action": tensor_array(rng.uniform(-1, 1, (rows, B, 7)).astype(np.float32)),
+        "action_norm": tensor_array(rng.uniform(-1, 1, (rows, B, 7)).astype(np.float32)),
+        "action_bins": tensor_array(bins),
+        "action_tokens": tensor_array(tokens),
+        "oracle_tokens": tensor_array(oracle),
+        "c": tensor_array(np.tile(c, (rows, 1))),
+        "pool": tensor_array(np.tile(pool, (rows, 1))),
+        "is_expert": tensor_array(np.tile(np.array([1, 1, 0, 0, 0, 0, 0, 0], dtype=bool), (rows, 1))),
+        "episode_id": pa.array([[f"e{i}"] * B for i in range(rows)], type=pa.list_(pa.string())),
+        "t": tensor_array(np.tile(np.arange(B, dtype=np.int32), (rows, 1))),
+    }
+    manifest = {"schema_version": 1, "dataset_hash": f"test{seed}", "config": {"batch_size": B, "vocab_size": vocab},
+                "action_stats": STATS, "counts": {"rows": rows}, "shards": []}
+    if ref_ckpt is not None:
+        fn = M.reference_logp_fn(ref_ckpt)
+        ref = {k: [] for k in ("ref_logp", "ref_logp_u", "ref_kl_logp", "ref_logp_oracle")}
+        for i in range(rows):
+            mb = {"image": images[i], "instruction": np.asarray(instr[i], dtype=object), "proprio": None}
+            ref["ref_logp"].append(fn(mb, tokens[i], True))
+            ref["ref_logp_u"].append(fn(mb, tokens[i], False))
+            ref["ref_kl_logp"].append(fn(mb, np.roll(tokens[i], -1, axis=0), False))
+            ref["ref_logp_oracle"].append(fn(mb, oracle[i], True))
+        cols.update({k: tensor_array(np.stack(v)) for k, v in ref.items()})
+        manifest["reference"] = {"checkpoint": str(Path(ref_ckpt).resolve()), "sha256": "x"}
+    out.mkdir(parents=True, exist_ok=True)
+    fsio.write_parquet(out / "shards" / "part-00000.parquet", pa.table(cols))
+    fsio.write_json(out / "manifest.json", manifest)
+    return out
+
+
+def tiny_cfg(**train) -> C.Config:
+    base = {"model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "vision_hidden_size": 16},
+            "train": {"lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 2, "torch_threads": 1, **train}}
+    return C.from_dict(base)
+
+
+@pytest.fixture(scope="module")
+def init_ckpt(tmp_path_factory):
+    from apo_ray import model as M
+
+    cfg = tiny_cfg()
+    m, proc = M.build_model(cfg.model, STATS, IMG, ["lift the cube"], seed=3)
+    return str(M.save_checkpoint(m, proc, tmp_path_factory.mktemp("init") / "ckpt"))
+
+
+def test_bad_inputs(tmp_path, init_ckpt):
+    from apo_ray.trainer import train
+
+    with pytest.raises(UserError, match="manifest.json missing"):
+        train(tmp_path / "nope", "scratch", tmp_path / "o", tiny_cfg())
+    d = make_dataset(tmp_path / "d", rows=2, c_zero=False)
+    with pytest.raises(UserError, match="needs undesirable"):
+        train(d, init_ckpt, tmp_path / "o", tiny_cfg(objective="apo"))
+    with pytest.raises(UserError, match="init checkpoint missing"):
+        train(d, str(tmp_path / "missing"), tmp_path / "o", tiny_cfg(objective="bc"))
+    m = json.loads((d / "manifest.json").read_text())
+    m["action_stats"] = {}
+    fsio.write_json(d / "manifest.json", m)
+    with pytest.raises(UserError, match="no action statistics"):
+        train(d, "scratch", tmp_path / "o", tiny_cfg(objective="bc"))
+
+
+def test_cached_reference_matches_live(tmp_path, init_ckpt):
+    """The loss with the dataset's ref_* columns equals the loss with a live replica within 1e-5."""
+    from apo_ray import model as M
+    from apo_ray.loss import LossParams, Scores, apo_loss, dpo_loss
+
+    d = make_dataset(tmp_path / "d", rows=2, ref_ckpt=init_ckpt)
+    import pyarrow.parquet as pq
+
+    from apo_ray.schema import column_to_numpy
+
+    t = pq.read_table(d / "shards" / "part-00000.parquet")
+    policy, proc, _ = M.load_policy(init_ckpt, trainable=True)
+    ref, _, _ = M.load_policy(init_ckpt)
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the policy away from the reference so the rewards are non-zero
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    imgs = column_to_numpy(t["image"]).reshape(-1, IMG, IMG, 3)
+    toks = torch.as_tensor(column_to_numpy(t["action_tokens"]).reshape(-1, 7).astype(np.int64))
+    orc = torch.as_tensor(column_to_numpy(t["oracle_tokens"]).reshape(-1, 7).astype(np.int64))
+    c = torch.as_tensor(column_to_numpy(t["c"]).reshape(-1).astype(np.int64))
+    inp = proc(imgs, ["lift the cube"] * len(imgs))
+    sets = [toks, M.rolled(toks, B), orc]
+    sc = M.score_actions(policy, inp, sets, proc.meta)
+    with torch.no_grad():
+        rs = M.score_actions(ref, inp, sets, proc.meta)
+    cached = {k: torch.as_tensor(column_to_numpy(t[k]).reshape(-1)) for k in
+              ("ref_logp", "ref_logp_u", "ref_kl_logp", "ref_logp_oracle")}
+    torch.testing.assert_close(cached["ref_logp"], rs[0].logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached["ref_kl_logp"], rs[1].logp_u, atol=1e-5, rtol=0)
+
+    def scores(r):
+        return Scores(logp=sc[0].logp, logp_u=sc[0].logp_u, token_logp=sc[0].token_logp, c=c,
+                      is_expert=torch.zeros_like(c, dtype=torch.bool), l1=M.decoded_l1(sc[0].pred_tokens, toks, proc.meta),
+                      ref_logp=r[0], ref_logp_u=r[1], kl_logp=sc[1].logp_u, ref_kl_logp=r[2],
+                      oracle_logp=sc[2].logp, ref_oracle_logp=r[3])
+
+    live = scores((rs[0].logp, rs[0].logp_u, rs[1].logp_u, rs[2].logp))
+    cach = scores((cached["ref_logp"], cached["ref_logp_u"], cached["ref_kl_logp"], cached["ref_logp_oracle"]))
+    p = LossParams()
+    a, _ = apo_loss(live, p)
+    b, _ = apo_loss(cach, p)
+    assert abs(a.item()) > 0
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dpo_loss(live, p)[0], dpo_loss(cach, p)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.ray
+def test_train_deepspeed_resume_after_worker_failure(tmp_path, init_ckpt, ray_local, monkeypatch):
+    """2 workers, ZeRO-2, APO with cached reference columns; the last worker dies at step 3 and the group
+    resumes from the step-2 checkpoint (not from step 0); the final checkpoint loads as a policy."""
+    from apo_ray.trainer import train
+    from apo_ray.vla_policy import VLAPolicy
+
+    d = make_dataset(tmp_path / "d", rows=ROWS, ref_ckpt=init_ckpt)
+    out = tmp_path / "run"
+    monkeypatch.setenv("APO_RAY_FAIL_AT_STEP", "3")
+    m = train(d, init_ckpt, out, tiny_cfg(objective="apo", workers=2, zero_stage=2, epochs=2, grad_accum=1,
+                                          cpus_per_worker=0.5))
+    assert (out / ".fault-injected-3").exists()
+    steps = ROWS // 2 * 2
+    assert m["step"] == steps and m.get("final")
+    # resumed from the step-2 checkpoint: samples seen after the restart = steps 3..6 only
+    assert m["samples_seen"] == (steps - 2) * B * 2
+    for k in ("loss", "r_D", "r_U", "kl", "sum_lambda_D", "sum_lambda_U", "acc_c2", "l1", "samples_per_s"):
+        assert k in m, k
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    pol = VLAPolicy(out / "checkpoint", threads=1)
+    a = pol.act([{"image": np.zeros((IMG, IMG, 3), np.uint8), "proprio": np.zeros(9, np.float32)}])
+    assert a.shape == (1, 7) and np.isfinite(a).all()
+
+
+@pytest.mark.ray
+def test_nan_loss_stops_with_one_error(tmp_path, init_ckpt, ray_local):
+    from apo_ray.trainer import train
+
+    d = make_dataset(tmp_path / "d", rows=4)
+    with pytest.raises(UserError, match="loss became"):
+        train(d, "scratch", tmp_path / "o", tiny_cfg(objective="bc", lr=1e30, warmup_steps=0, grad_clip=0.0,
+                                                     checkpoint_every=1, max_steps=4))
+    assert os.path.isdir(tmp_path / "o" / "checkpoint")  # the last good checkpoint is kept
