@@ -98,6 +98,22 @@ def _reference_mode(cfg: Config, info: dict, init: str) -> str:
     return "cached" if cached_ok and same else "live"
 
 
+def _check_vocab(info: dict, init: str, cfg: Config) -> None:
+    """The dataset's action tokens must be the model's last 256 ids."""
+    from apo_ray import model as M
+
+    want = (info["manifest"].get("config") or {}).get("vocab_size")
+    if init == "scratch":
+        have = M.VOCAB_SIZE if cfg.model.kind == "tiny" else None
+    else:
+        p = Path(init)
+        meta = json.loads(((p / M.META_FILE) if (p / M.META_FILE).is_file() else p / "checkpoint" / M.META_FILE).read_text())
+        have = int(meta["action_offset"]) + M.N_BINS
+    if want is not None and have is not None and int(want) != have:
+        raise UserError(f"the dataset's action tokens were made for vocab_size {want}, the model has {have}",
+                        "manifest.json config.vocab_size", f"rebuild the dataset with --vocab-size {have}")
+
+
 def _same_ckpt(a: str, b: str) -> bool:
     def norm(p: str) -> Path:
         q = Path(p).resolve()
@@ -125,6 +141,7 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
             raise UserError(f"--init checkpoint missing or incomplete ({META_FILE} not found)", str(p),
                             "pass a checkpoint dir written by apo-ray train, or scratch")
         init = str(p.resolve())
+    _check_vocab(info, init, cfg)
     ref_mode = _reference_mode(cfg, info, init)
     world = t.workers
     steps_per_epoch = info["rows"] // world // t.grad_accum

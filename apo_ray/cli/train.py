@@ -1,0 +1,40 @@
+"""apo-ray train: fine-tune (or train from scratch) the VLA with one objective on a built training set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the VLA (apo, kto, dagger, sirius, dpo, bc) with Ray Train + DeepSpeed",
+                       description="Writes OUT/checkpoint/ (HF format), OUT/metrics.json and TensorBoard events in "
+                                   "OUT/tb/; prints the final metrics as JSON on the last stdout line.")
+    p.add_argument("--data", required=True, help="training-set dir written by apo-ray dataset")
+    p.add_argument("--init", required=True, help="checkpoint dir to start from, or 'scratch'")
+    p.add_argument("--objective", choices=("apo", "kto", "dagger", "sirius", "dpo", "bc"))
+    p.add_argument("--out", required=True, help="output dir")
+    p.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage (train.zero_stage)")
+    p.add_argument("--epochs", type=int, help="passes over the training set (train.epochs)")
+    p.add_argument("--config", help="YAML config (overrides of the defaults)")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=3e-4 model.use_proprio=true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from apo_ray import config as C
+    from apo_ray.cli import usage_error
+    from apo_ray.trainer import train
+
+    flags = {"objective": args.objective, "workers": args.workers, "zero_stage": args.zero, "epochs": args.epochs}
+    overrides = list(args.overrides) + [f"train.{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = C.load(args.config, overrides)
+    if cfg.train.workers < 1:
+        raise usage_error("--workers must be at least 1")
+    if cfg.train.epochs < 1 and not cfg.train.max_steps:
+        raise usage_error("--epochs must be at least 1 (or set train.max_steps)")
+    metrics = train(args.data, args.init, args.out, cfg, address=args.address)
+    print(json.dumps(metrics))
+    return 0
