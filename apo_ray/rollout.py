@@ -153,12 +153,7 @@ def validate_request(task: str, scenario: str, policy: str, episodes: int, worke
     """Every check that needs no env and no Ray, so bad input fails before anything is created."""
     import envs
 
-    if task not in envs.TASKS:
-        import difflib
-
-        close = difflib.get_close_matches(task, list(envs.TASKS), n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"use one of: {', '.join(envs.TASKS)}"
-        raise UserError(f"unknown task '{task}'", "--task", hint)
+    envs.get_task(task)
     envs.parse_scenario(scenario)
     check_policy_spec(policy)
     if episodes < 1:
