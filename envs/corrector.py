@@ -1,0 +1,124 @@
+"""The corrector: a scripted stand-in for the human who watches the policy and takes over.
+
+Each step the rollout computes ``oracle_action = oracle.act(privileged)`` and asks ``decide`` who acts.
+Triggers (any one fires a takeover after ``reaction_delay`` steps, like a human's reaction time):
+
+- ``deviation``: mean |a_policy - a_oracle| over the translation dims above ``deviation_threshold`` for
+  ``deviation_steps`` consecutive steps while the oracle is in a critical phase (descend, grasp, lower, release);
+- ``dropped``: the object was held and is no longer, away from its target;
+- ``knocked``: the object moves fast while nobody holds it;
+- ``empty_grasp``: the gripper closed on nothing;
+- ``tilted``: the gripper points far from down (a twisted wrist soon locks the arm in a joint limit);
+- ``no_progress``: the oracle's progress signal has not improved for ``no_progress_steps`` steps.
+
+While in control it executes the oracle's action (c=2, intervention_id = index of the intervention in the
+episode). It hands back (c=1, intervention_id=-1) once the subgoal of the phase it took over in holds, i.e. the
+oracle has moved past that phase (or the task succeeded), after at least ``min_control_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from apo_ray.config import CorrectorConfig
+from apo_ray.schema import C_CORRECTOR, C_POLICY, NO_INTERVENTION
+from envs.oracle import EMPTY_GAP, MAX_TILT, Oracle, tilt
+from envs.tasks import get_task
+
+KNOCK_SPEED = 0.25
+"""Object speed (m/s) that counts as knocked when nobody holds it."""
+PROGRESS_EPS = 0.01
+AWAY = 0.1
+"""Object distance (m, horizontal) from its target beyond which letting go of it is a drop, not a release."""
+
+
+class Corrector:
+    def __init__(self, oracle_task: str, cfg: CorrectorConfig | None = None) -> None:
+        self.task = get_task(oracle_task).name
+        self.cfg = cfg or CorrectorConfig()
+        self.reset(0)
+
+    def reset(self, seed: int = 0) -> None:
+        self.seed = seed  # the corrector is deterministic; kept for provenance
+        self.in_control = False
+        self.interventions = 0
+        self.reason = ""
+        self._pending = -1  # steps left before a fired trigger takes over; -1 = none pending
+        self._intervention_id = NO_INTERVENTION
+        self._control_steps = 0
+        self._takeover_stage = 0
+        self._deviating = 0
+        self._empty = 0
+        self._held = 0
+        self._best = -np.inf
+        self._stalled = 0
+
+    def decide(self, policy_action: np.ndarray, oracle_action: np.ndarray, privileged: dict[str, np.ndarray],
+               oracle: Oracle) -> tuple[np.ndarray, int, int]:
+        """(action to execute, c, intervention_id); ``oracle`` has already acted on ``privileged``."""
+        if not self.cfg.enabled:
+            return np.asarray(policy_action, np.float32), C_POLICY, NO_INTERVENTION
+        success = bool(privileged["success"])
+        if self.in_control:
+            self._control_steps += 1
+            done = oracle.stage > self._takeover_stage or success
+            if not (done and self._control_steps > self.cfg.min_control_steps):
+                return np.asarray(oracle_action, np.float32), C_CORRECTOR, self._intervention_id
+            self._hand_back(oracle)
+        trigger = self._trigger(policy_action, oracle_action, privileged, oracle, success)
+        if trigger and self._pending < 0 and self.interventions < self.cfg.max_interventions:
+            self.reason = trigger
+            self._pending = self.cfg.reaction_delay
+        if self._pending == 0:
+            self._take_over(oracle)
+            return np.asarray(oracle_action, np.float32), C_CORRECTOR, self._intervention_id
+        if self._pending > 0:
+            self._pending -= 1
+        return np.asarray(policy_action, np.float32), C_POLICY, NO_INTERVENTION
+
+    # ------------------------------------------------------------------------------------------------
+    def _trigger(self, policy_action: np.ndarray, oracle_action: np.ndarray, o: dict[str, np.ndarray],
+                 oracle: Oracle, success: bool) -> str:
+        cfg = self.cfg
+        grasped = bool(o["grasped"])
+        was_held = self._held >= 3
+        self._held = self._held + 1 if grasped else 0
+        if success:
+            self._deviating = self._stalled = 0
+            return ""
+        dev = float(np.mean(np.abs(np.asarray(policy_action)[:3] - np.asarray(oracle_action)[:3])))
+        self._deviating = self._deviating + 1 if (dev > cfg.deviation_threshold and oracle.critical) else 0
+        gap = float(o["gripper_qpos"][0] - o["gripper_qpos"][1])
+        self._empty = self._empty + 1 if (gap < EMPTY_GAP and not grasped) else 0
+        if oracle.progress > self._best + PROGRESS_EPS:
+            self._best, self._stalled = oracle.progress, 0
+        else:
+            self._stalled += 1
+        away = np.linalg.norm(o["object_pos"][:2] - o["target_pos"][:2]) > AWAY
+        if was_held and not grasped and away:
+            return "dropped"
+        if not grasped and away and np.linalg.norm(o["object_vel"]) > KNOCK_SPEED:
+            return "knocked"
+        if self._empty >= 3:
+            return "empty_grasp"
+        if tilt(o["eef_quat"]) > MAX_TILT:
+            return "tilted"
+        if self._deviating >= cfg.deviation_steps:
+            return "deviation"
+        if self._stalled >= cfg.no_progress_steps:
+            return "no_progress"
+        return ""
+
+    def _take_over(self, oracle: Oracle) -> None:
+        self.in_control = True
+        self._pending = -1
+        self._intervention_id = self.interventions
+        self.interventions += 1
+        self._control_steps = 1
+        self._takeover_stage = oracle.stage
+
+    def _hand_back(self, oracle: Oracle) -> None:
+        self.in_control = False
+        self._intervention_id = NO_INTERVENTION
+        self._deviating = self._empty = self._stalled = 0
+        self._best = oracle.progress  # the policy gets a fresh no-progress window
