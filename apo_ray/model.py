@@ -405,11 +405,16 @@ def decoded_l1(pred_tokens: torch.Tensor, label_tokens: torch.Tensor, meta: VLAM
 
 
 def _core(model: nn.Module) -> nn.Module:
-    """The underlying model behind DeepSpeed / peft wrappers."""
+    """The model behind DeepSpeed / peft wrappers (stops at a TinyVLA or when nothing wraps further)."""
     m = model
-    for attr in ("module", "base_model", "model"):
-        while hasattr(m, attr) and isinstance(getattr(m, attr), nn.Module) and not isinstance(m, TinyVLA):
-            m = getattr(m, attr)
+    for _ in range(8):
+        if isinstance(m, TinyVLA):
+            return m
+        nxt = next((v for v in (getattr(m, a, None) for a in ("module", "base_model", "model"))
+                    if isinstance(v, nn.Module) and v is not m), None)
+        if nxt is None:
+            return m
+        m = nxt
     return m
 
 
@@ -433,7 +438,8 @@ def build_model(mc: ModelConfig, action_stats: dict, image_size: int = 64, instr
 
 def load_hf(mc: ModelConfig, action_stats: dict, image_size: int = 224):
     """Load a local HF VLA directory (``trust_remote_code``) and wrap it with a LoRA adapter via peft."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForVision2Seq, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     path = Path(mc.path)
     if not (path / "config.json").is_file():
@@ -442,8 +448,14 @@ def load_hf(mc: ModelConfig, action_stats: dict, image_size: int = 224):
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=True)
     auto_map = getattr(cfg, "auto_map", {}) or {}
-    loader = AutoModelForVision2Seq if "AutoModelForVision2Seq" in auto_map else AutoModelForCausalLM
-    model = loader.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+    # OpenVLA registers AutoModelForVision2Seq, which transformers 5 no longer has: load its class directly
+    key = next((k for k in ("AutoModelForVision2Seq", "AutoModelForImageTextToText", "AutoModelForCausalLM",
+                            "AutoModel") if k in auto_map), None)
+    if key is not None:
+        cls = get_class_from_dynamic_module(auto_map[key], str(path))
+        model = cls.from_pretrained(path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     if mc.lora_r > 0:
         from peft import LoraConfig, get_peft_model
@@ -520,7 +532,9 @@ def load_policy(ckpt_dir: str | Path, trainable: bool = False):
 
                 model = PeftModel.from_pretrained(model, d / "adapter", is_trainable=trainable)
             tok = proc.tokenizer
-    except (OSError, ValueError, RuntimeError) as e:
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors/transformers/peft raise many types for a bad dir
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load checkpoint: {first}", str(d), "retrain or restore the checkpoint") from None
     model.train(trainable)

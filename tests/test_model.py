@@ -1,0 +1,175 @@
+"""The tiny VLA: tokenizer/prompt layout, action-only scoring, batch independence, save/load round trip,
+bad checkpoints, and the kind=hf loader (trust_remote_code + LoRA) on a tiny model saved to disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from apo_ray import model as M
+from apo_ray.config import ModelConfig
+from apo_ray.errors import UserError
+
+STATS = {"q01": [-0.5] * 7, "q99": [0.5] * 7, "mask": [True] * 6 + [False]}
+MC = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, vision_hidden_size=16)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, proc = M.build_model(MC, STATS, 64, ["lift the cube"], seed=0)
+    return model, proc
+
+
+def _batch(proc, n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    imgs = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+    instr = ["lift the cube", "pick up the red can"] * (n // 2)
+    toks = torch.as_tensor(rng.integers(0, 256, (n, 7)) + proc.meta.action_offset)
+    return imgs, instr, proc(imgs, instr), toks
+
+
+def test_tokenizer_layout_and_prompt(tiny):
+    _, proc = tiny
+    tok = proc.tokenizer
+    assert tok.get_vocab_size() == M.VOCAB_SIZE
+    assert tok.token_to_id("<act_0>") == M.VOCAB_SIZE - 256 == proc.meta.action_offset
+    assert tok.token_to_id("<act_255>") == M.VOCAB_SIZE - 1
+    ids = proc.prompt_ids("lift the cube")
+    assert ids[0] == M.BOS_ID
+    words = [tok.id_to_token(i) for i in ids[1:]]
+    assert words == ["what", "action", "should", "the", "robot", "take", "to", "lift", "the", "cube", "?"]
+    assert proc.prompt_ids("zzz unknownword")[-2] == M.UNK_ID
+
+
+def test_image_tokens_and_left_padding(tiny):
+    model, proc = tiny
+    _, _, inp, _ = _batch(proc)
+    assert model.encode_images(inp.pixel_values).shape == (4, 16, 32)  # 64x64 -> 4x4 grid
+    # shorter prompts are left-padded, so every sequence ends at the same position
+    assert (inp.attention_mask[:, -1] == 1).all()
+    assert inp.attention_mask[0].sum() < inp.attention_mask[1].sum()
+    assert (inp.input_ids[0, : int((inp.attention_mask[0] == 0).sum())] == M.PAD_ID).all()
+
+
+def test_scores_are_action_token_logprobs_of_the_full_forward(tiny):
+    """score_actions' (N,8) log-probs = log-softmax of a plain full-sequence forward at the positions that
+    predict the 7 action tokens and EOS; nothing else is scored."""
+    model, proc = tiny
+    model.eval()
+    _, _, inp, toks = _batch(proc)
+    sc = M.score_actions(model, inp, [toks], proc.meta)[0]
+    n = toks.shape[0]
+    eos = torch.full((n, 1), M.EOS_ID)
+    ids = torch.cat([inp.input_ids, toks, eos], 1)
+    mask = torch.cat([inp.attention_mask, torch.ones(n, 8, dtype=torch.long)], 1)
+    logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], pixel_values=inp.pixel_values).logits
+    want = torch.log_softmax(logits[:, -8:], -1).gather(-1, ids[:, -8:, None]).squeeze(-1)
+    torch.testing.assert_close(sc.token_logp, want, atol=1e-5, rtol=1e-5)
+    assert sc.token_logp.shape == (n, 8)
+    torch.testing.assert_close(sc.logp_u, want[:, :7].sum(1), atol=1e-5, rtol=1e-5)
+    assert ((sc.pred_tokens >= proc.meta.action_offset) & (sc.pred_tokens < M.VOCAB_SIZE)).all()
+
+
+def test_scoring_is_batch_independent_in_train_mode(tiny):
+    """BatchNorm keeps fixed statistics: a sample's log-prob does not depend on its batch-mates, so stacked
+    scoring sets, cached vs live reference and micro-batch sizes agree."""
+    model, proc = tiny
+    model.train()
+    _, _, inp, toks = _batch(proc)
+    both = M.score_actions(model, inp, [toks, M.rolled(toks, 2)], proc.meta)
+    one = M.score_actions(model, inp, [toks], proc.meta)[0]
+    half = M.score_actions(model, M.VLAInputs(inp.pixel_values[:2], inp.input_ids[:2], inp.attention_mask[:2]),
+                           [toks[:2]], proc.meta)[0]
+    torch.testing.assert_close(both[0].logp, one.logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(half.logp, one.logp[:2], atol=1e-5, rtol=0)
+    assert torch.equal(M.rolled(torch.arange(4)[:, None], 2)[:, 0], torch.tensor([1, 0, 3, 2]))
+    model.eval()
+
+
+def test_gradient_flows_only_from_scored_tokens(tiny):
+    model, proc = tiny
+    _, _, inp, toks = _batch(proc)
+    sc = M.score_actions(model, inp, [toks], proc.meta)[0]
+    (-sc.logp.sum()).backward()
+    assert model.llm.lm_head.weight.grad is not None
+    assert model.vision.embedder.embedder.convolution.weight.grad.abs().sum() > 0
+    model.zero_grad()
+
+
+def test_save_load_round_trip(tiny, tmp_path):
+    model, proc = tiny
+    model.eval()
+    d = M.save_checkpoint(model, proc, tmp_path / "ckpt")
+    assert {"config.json", "model.safetensors", "tokenizer.json", M.META_FILE} <= {p.name for p in d.iterdir()}
+    assert not list(d.glob("*.bin")) and not list(d.glob("*.pt"))  # safetensors only, never pickle
+    m2, p2, stats = M.load_policy(d)
+    assert stats == STATS and p2.meta == proc.meta
+    imgs, instr, inp, toks = _batch(proc)
+    a = M.score_actions(model, inp, [toks], proc.meta)[0].logp
+    b = M.score_actions(m2, p2(imgs, instr), [toks], p2.meta)[0].logp
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # de-tokenizing uses the saved statistics: bin 255 → q99 side, gripper passed through at the bin centre
+    act = M.tokens_to_actions(np.full((1, 7), M.VOCAB_SIZE - 1), p2.meta)
+    np.testing.assert_allclose(act[0, :6], 0.5 * (1 + (1 - 1 / 256)) * 1.0 - 0.5, atol=1e-6)
+    np.testing.assert_allclose(act[0, 6], 1 - 1 / 256, atol=1e-6)
+
+
+def test_bad_checkpoints(tmp_path, tiny):
+    with pytest.raises(UserError, match="not a VLA checkpoint"):
+        M.load_policy(tmp_path / "missing")
+    model, proc = tiny
+    d = M.save_checkpoint(model, proc, tmp_path / "ck")
+    (d / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="cannot load checkpoint"):
+        M.load_policy(d)
+    (d / M.META_FILE).write_text("{not json")
+    with pytest.raises(UserError, match="corrupt"):
+        M.load_policy(d)
+
+
+def test_hf_kind_loads_remote_code_with_lora(tiny, tmp_path):
+    """kind=hf: a VLA dir with its own modeling code (auto_map, trust_remote_code) loads, gets LoRA adapters
+    (only they train), scores like the original, and its checkpoint (adapter only) round-trips."""
+    model, proc = tiny
+    model.eval()
+    src = tmp_path / "hf_vla"
+    M.TinyVLAConfig.register_for_auto_class()
+    M.TinyVLA.register_for_auto_class("AutoModelForCausalLM")
+    model.save_pretrained(src)
+    M._wrap_fast(proc.tokenizer).save_pretrained(src)
+    assert (src / "model.py").is_file() and "auto_map" in json.loads((src / "config.json").read_text())
+    hm, hp = M.build_model(dataclasses.replace(MC, kind="hf", path=str(src), lora_r=4), STATS, 64)
+    assert type(hm).__name__ == "PeftModel"
+    trainable = [n for n, p in hm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    imgs, instr, inp, toks = _batch(proc)
+    a = M.score_actions(model, inp, [toks], proc.meta)[0].logp
+    b = M.score_actions(hm, hp(imgs, instr), [toks], hp.meta)[0].logp
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # LoRA B starts at 0
+    with torch.no_grad():
+        for n, p in hm.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)
+    c = M.score_actions(hm, hp(imgs, instr), [toks], hp.meta)[0].logp
+    ck = M.save_checkpoint(hm, hp, tmp_path / "hf_ckpt")
+    assert (ck / "adapter" / "adapter_model.safetensors").is_file() and not (ck / "model.safetensors").exists()
+    hm2, hp2, _ = M.load_policy(ck)
+    d = M.score_actions(hm2, hp2(imgs, instr), [toks], hp2.meta)[0].logp
+    torch.testing.assert_close(c, d, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="no HF model"):
+        M.build_model(dataclasses.replace(MC, kind="hf", path=str(tmp_path / "none")), STATS, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_scoring_on_gpu(tiny):
+    model, proc = tiny
+    m = model.to("cuda", torch.bfloat16).eval()
+    _, _, inp, toks = _batch(proc)
+    sc = M.score_actions(m, inp.to("cuda", torch.bfloat16), [toks.cuda()], proc.meta)[0]
+    assert torch.isfinite(sc.logp).all()
+    model.to("cpu", torch.float32)
