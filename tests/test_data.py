@@ -4,7 +4,6 @@ hand-made episode Parquet files whose every number can be checked by hand."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -120,17 +119,6 @@ def write(dirpath: Path, tables: dict[str, pa.Table]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("inputs")
     eps = write(root / "round0" / "episodes", {
@@ -235,13 +223,23 @@ def test_wrong_dtype_and_image_shape(tmp_path: Path) -> None:
     assert "y.parquet" in line and "column image" in line and "(8, 6, 3)" in line
 
 
-def test_corrupt_and_empty_inputs(tmp_path: Path) -> None:
+@pytest.mark.ray
+def test_corrupt_and_empty_inputs(ray_local, tmp_path: Path) -> None:
     eps = write(tmp_path / "bad", {"x": episode("x", [1] * 3)})
     data = (eps / "x.parquet").read_bytes()
     (eps / "x.parquet").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError) as e:
         D.build_dataset([eps], [], tmp_path / "ds", DataConfig())
     assert "x.parquet" in e.value.line() and "unreadable" in e.value.line()
+    # a valid footer over damaged data pages: found while reading, still named by file and column
+    good = write(tmp_path / "pages", {"a": episode("a", [1] * 3)})
+    pq.write_table(episode("y", [1] * 40), good / "y.parquet", compression="zstd")
+    raw = bytearray((good / "y.parquet").read_bytes())
+    raw[200:4000] = bytes(3800)
+    (good / "y.parquet").write_bytes(bytes(raw))
+    with pytest.raises(UserError) as e:
+        D.build_dataset([good], [], tmp_path / "ds", DataConfig())
+    assert "y.parquet" in e.value.line() and "column " in e.value.line()
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError) as e:
         D.build_dataset([tmp_path / "empty"], [], tmp_path / "ds", DataConfig())

@@ -1,0 +1,67 @@
+"""apo-ray dataset: episodes (+ expert demos) -> balanced, tokenized APO training set (Ray Data)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dataset", help="filter, relabel, tokenize and balance episodes into a training set",
+                       description="Build DIR/shards/*.parquet (one row = one balanced micro-batch) and "
+                                   "DIR/manifest.json with Ray Data. Prints a JSON summary as the last stdout "
+                                   "line: rows (kept steps), desirable, undesirable, pools, dropped (per filter), "
+                                   "shards, rows_per_s (input steps per second). Same inputs + config: skipped.")
+    p.add_argument("--episodes", nargs="+", default=[], metavar="DIR",
+                   help="episode dirs from apo-ray collect (any mix of rounds)")
+    p.add_argument("--demos", nargs="+", default=[], metavar="DIR_OR_HDF5",
+                   help="expert demonstrations: episode dirs or robomimic .hdf5 files")
+    p.add_argument("--out", required=True, metavar="DIR", help="dataset dir (replaced atomically)")
+    p.add_argument("--k", type=int, help="policy steps before each intervention relabelled c=0 (default: config)")
+    p.add_argument("--config", help="YAML config; its `data` section sets ratios, filters, batch size, seed")
+    p.add_argument("--vocab-size", type=int,
+                   help="model vocabulary size; action tokens are its last 256 ids (default: the config's model)")
+    p.add_argument("--ref-checkpoint", metavar="DIR",
+                   help="frozen reference checkpoint: adds ref_logp* columns so training needs no reference pass")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p.set_defaults(func=run)
+
+
+def _default_vocab_size(cfg, ref_checkpoint: str | None) -> int:
+    """The vocabulary the action tokens live in: the reference checkpoint's, else the tiny model's."""
+    from pathlib import Path
+
+    from apo_ray import model as M
+    from apo_ray.cli import usage_error
+
+    if ref_checkpoint is not None:
+        d = Path(ref_checkpoint)
+        meta = d / M.META_FILE if (d / M.META_FILE).is_file() else d / "checkpoint" / M.META_FILE
+        if meta.is_file():
+            return int(json.loads(meta.read_text())["action_offset"]) + M.N_BINS
+    if cfg.model.kind == "tiny":
+        return M.VOCAB_SIZE
+    raise usage_error("--vocab-size is required for model.kind=hf", "pass the VLA tokenizer's vocabulary size")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from apo_ray import config as C
+    from apo_ray.cli import usage_error
+    from apo_ray.data import build_dataset
+
+    if not args.episodes and not args.demos:
+        raise usage_error("no inputs", "pass --episodes DIR and/or --demos DIR")
+    cfg = C.load(args.config) if args.config else C.Config()
+    data_cfg = cfg.data
+    if args.k is not None:
+        if args.k < 0:
+            raise usage_error(f"--k {args.k} is negative", "pass K >= 0")
+        data_cfg = dataclasses.replace(data_cfg, k=args.k)
+    vocab = args.vocab_size or _default_vocab_size(cfg, args.ref_checkpoint)
+    summary = build_dataset(args.episodes, args.demos, args.out, data_cfg, ref_checkpoint=args.ref_checkpoint,
+                            vocab_size=vocab, address=args.address)
+    keys = ("rows", "desirable", "undesirable", "pools", "dropped", "shards", "rows_per_s")
+    print(json.dumps({k: summary[k] for k in keys}))
+    return 0
