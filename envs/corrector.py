@@ -43,6 +43,9 @@ class Corrector:
         self.in_control = False
         self.interventions = 0
         self.reason = ""
+        self.events: list[tuple[int, str, str]] = []
+        """(step, "trigger" | "takeover" | "handback", reason): what happened when, for logs and tests."""
+        self._t = -1
         self._pending = -1  # steps left before a fired trigger takes over; -1 = none pending
         self._intervention_id = NO_INTERVENTION
         self._control_steps = 0
@@ -58,6 +61,7 @@ class Corrector:
         """(action to execute, c, intervention_id); ``oracle`` has already acted on ``privileged``."""
         if not self.cfg.enabled:
             return np.asarray(policy_action, np.float32), C_POLICY, NO_INTERVENTION
+        self._t += 1
         success = bool(privileged["success"])
         if self.in_control:
             self._control_steps += 1
@@ -69,6 +73,7 @@ class Corrector:
         if trigger and self._pending < 0 and self.interventions < self.cfg.max_interventions:
             self.reason = trigger
             self._pending = self.cfg.reaction_delay
+            self.events.append((self._t, "trigger", trigger))
         if self._pending == 0:
             self._take_over(oracle)
             return np.asarray(oracle_action, np.float32), C_CORRECTOR, self._intervention_id
@@ -116,9 +121,11 @@ class Corrector:
         self.interventions += 1
         self._control_steps = 1
         self._takeover_stage = oracle.stage
+        self.events.append((self._t, "takeover", self.reason))
 
     def _hand_back(self, oracle: Oracle) -> None:
         self.in_control = False
         self._intervention_id = NO_INTERVENTION
+        self.events.append((self._t, "handback", oracle.phase))
         self._deviating = self._empty = self._stalled = 0
         self._best = oracle.progress  # the policy gets a fresh no-progress window

@@ -84,6 +84,7 @@ class TaskEnv:
 
     # -------------------------------------------------------------------------------------------- API
     def reset(self, seed: int) -> dict[str, Any]:
+        self._make_current()
         np.random.seed(seed)  # robosuite's placement samplers draw from the global RNG
         self.env.reset()
         rng = np.random.default_rng(seed)
@@ -95,6 +96,7 @@ class TaskEnv:
         return self._obs(self.env._get_observations(force_update=True))
 
     def step(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, dict[str, Any]]:
+        self._make_current()
         sc.apply_push(self.env, self._handles, self._push, self._t)
         raw, reward, _, _ = self.env.step(np.asarray(action, dtype=np.float64))
         self._t += 1
@@ -112,6 +114,13 @@ class TaskEnv:
         self.env.close()
 
     # ---------------------------------------------------------------------------------------- helpers
+    def _make_current(self) -> None:
+        """robosuite renders into whichever GL context is current; with several envs in one process
+        (envs_per_worker > 1, tests) that must be this env's own."""
+        ctx = self.env.sim._render_context_offscreen if self.camera else None
+        if ctx is not None:
+            ctx.gl_ctx.make_current()
+
     def _obs(self, raw: dict[str, Any]) -> dict[str, Any]:
         eef_pos = np.asarray(raw["robot0_eef_pos"], np.float64)
         eef_quat = np.asarray(raw["robot0_eef_quat"], np.float64)
@@ -126,7 +135,7 @@ class TaskEnv:
 
     def _privileged(self, raw: dict[str, Any], eef_pos: np.ndarray, eef_quat: np.ndarray,
                     grip: np.ndarray) -> dict[str, np.ndarray]:
-        env, sim, h = self.env, self.env.sim, self._handles
+        sim, h = self.env.sim, self._handles
         obj_pos = np.asarray(raw[f"{self.task.object_obs}_pos"], np.float64)
         obj_quat = np.asarray(raw[f"{self.task.object_obs}_quat"], np.float64)
         grasp_pos = sim.data.site_xpos[self._handle_site].copy() if self._handle_site >= 0 else obj_pos.copy()
@@ -135,13 +144,22 @@ class TaskEnv:
             "object_pos": obj_pos, "object_quat": obj_quat, "object_start_pos": self._start_pos.copy(),
             "object_vel": sim.data.get_joint_qvel(h.object_joint)[:3].copy(),
             "grasp_pos": grasp_pos,
-            "grasped": np.array(env._check_grasp(gripper=env.robots[0].gripper, object_geoms=self._grasp_geoms)),
+            "grasped": np.array(self._grasped(grip, eef_pos, grasp_pos)),
             "success": np.array(self.is_success()),
             "target_pos": self._target_pos(obj_pos),
             "table_z": np.array(self._table_z()),
             "t": np.array(self._t),
         }
         return priv
+
+    def _grasped(self, grip: np.ndarray, eef_pos: np.ndarray, grasp_pos: np.ndarray) -> bool:
+        """Both fingerpads touch the object, or the fingers stopped part-closed around its grasp point: the
+        contact test alone flickers on a firmly held object."""
+        env = self.env
+        if env._check_grasp(gripper=env.robots[0].gripper, object_geoms=self._grasp_geoms):
+            return True
+        gap = float(grip[0] - grip[1])
+        return GRASP_GAP[0] < gap < GRASP_GAP[1] and float(np.linalg.norm(grasp_pos - eef_pos)) < 0.015
 
     def _target_pos(self, obj_pos: np.ndarray) -> np.ndarray:
         env, sim = self.env, self.env.sim
@@ -158,6 +176,10 @@ class TaskEnv:
         if hasattr(env, "table_offset"):
             return float(env.table_offset[2])
         return float(env.bin1_pos[2])
+
+
+GRASP_GAP = (0.006, 0.07)
+"""Finger gap (m) of a gripper closed on an object: above empty (fully closed), below open."""
 
 
 def _site_names(model: Any) -> set[str]:

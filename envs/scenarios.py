@@ -88,7 +88,7 @@ SCENARIOS: dict[str, ScenarioSpec] = {
         ScenarioSpec("physics", "object mass x0.5..3, friction x0.5..1.5 and size x0.85..1.15, per episode",
                      mass_scale=(0.5, 3.0), friction_scale=(0.5, 1.5), size_scale=(0.85, 1.15)),
         ScenarioSpec("push", "an external horizontal force shoves the object once, early in the episode",
-                     push=PushSpec(accel=(25.0, 35.0), start=(8, 30), steps=3)),
+                     push=PushSpec(accel=(13.0, 16.0), start=(8, 30), steps=2)),
     )
 }
 
