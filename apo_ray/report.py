@@ -99,9 +99,9 @@ def intervention_rows(run: Run) -> list[dict[str, Any]]:
 
 
 def _c_counts(res: dict[str, Any]) -> dict[str, int] | None:
-    """c=0/1/2 step counts from a dataset stage's result (``counts.c`` of the manifest)."""
-    counts = res.get("counts", res)
-    c = counts.get("c") if isinstance(counts, dict) else None
+    """c=0/1/2 step counts from a dataset stage's result (``counts.per_class`` of its manifest)."""
+    counts = res.get("counts")
+    c = counts.get("per_class") if isinstance(counts, dict) else None
     if not isinstance(c, dict):
         return None
     return {str(k): int(v) for k, v in c.items()}

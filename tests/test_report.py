@@ -36,7 +36,7 @@ def _make_run(root: Path, rng: random.Random) -> dict:
     (root / "config.json").write_text(json.dumps({"env": {"task": "lift", "scenario": "nominal"},
                                                   "loop": {"arms": ["apo", "dagger"], "scenarios": ["position"]}}))
     rec("r0/demos/collect/nominal", {"episodes": 4, "steps": 120, "intervention_episodes": 0})
-    rec("r0/base/dataset", {"counts": {"c": {"1": 120}}})
+    rec("r0/base/dataset", {"counts": {"per_class": {"1": 120}}})
     rec("r0/base/train", {"steps": 10})
     for sc in ("position", "nominal"):
         ev(f"r0/base/eval/{sc}", sc)
@@ -51,7 +51,7 @@ def _make_run(root: Path, rng: random.Random) -> dict:
             rec(key, res)
             c = {str(i): rng.randint(0, 500) for i in range(3)}
             truth["c"][(r, arm)] = c
-            rec(f"r{r}/{arm}/dataset", {"counts": {"c": c, "rows": 3}})
+            rec(f"r{r}/{arm}/dataset", {"counts": {"per_class": c, "rows": 3}})
             rec(f"r{r}/{arm}/train", {"steps": 5})
             with open(root / f"r{r}/{arm}/train/metrics.jsonl", "w") as f:
                 for s in range(1, 6):
