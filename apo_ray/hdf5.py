@@ -49,6 +49,8 @@ def _episode_files(dirs: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 
 def _read_episode(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    import ray.data.extensions  # noqa: F401 - registers Ray's tensor types, else images read as flat lists
+
     try:
         table = pq.read_table(path)
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad input file

@@ -279,3 +279,61 @@ def test_ref_stage_columns() -> None:
     np.testing.assert_allclose(S.column_to_numpy(out[D.REF_LOGP_U])[0], base, atol=1e-6)
     np.testing.assert_allclose(S.column_to_numpy(out[D.REF_KL_LOGP])[0], np.roll(base, -1), atol=1e-6)
     np.testing.assert_allclose(S.column_to_numpy(out[D.REF_LOGP_ORACLE])[0], base[::-1] - 0.5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end through the CLI, on episodes from `apo-ray collect`
+
+
+def _cli_json(argv: list[str], capsys: pytest.CaptureFixture) -> dict:
+    from apo_ray.cli import main
+
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # ~1-2 min on 2 busy cores, mostly rendering rollouts
+def test_cli_end_to_end_on_collected_episodes(ray_local, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    eps, demos = tmp_path / "noisy", tmp_path / "oracle"
+    c = _cli_json(["collect", "--task", "lift", "--policy", "noisy-oracle:0.5", "--episodes", "3", "--workers", "2",
+                   "--seed", "0", "--round", "1", "--image-size", "64", "--out", str(eps)], capsys)
+    assert c["intervention_steps"] > 0
+    _cli_json(["collect", "--task", "lift", "--policy", "oracle", "--episodes", "1", "--workers", "1", "--seed", "50",
+               "--no-corrector", "--image-size", "64", "--out", str(demos)], capsys)
+    h5 = _cli_json(["export-hdf5", "--episodes", str(demos / "episodes"), "--out", str(tmp_path / "demos.hdf5")],
+                   capsys)
+    assert h5["demos"] == 1
+
+    # what the pipeline must find, counted straight from the files
+    files = sorted((eps / "episodes").glob("*.parquet"))
+    kept_corrector = starts = 0
+    for f in files:
+        t = pq.read_table(f)
+        keep, _ = D.filter_mask(S.column_to_numpy(t[S.ACTION]))
+        cc = t[S.C].to_numpy()[keep]
+        kept_corrector += int((cc == 2).sum())
+        starts += int(((cc == 2) & (np.r_[0, cc[:-1]] != 2)).sum())
+
+    demo_kept = sum(int(D.filter_mask(S.column_to_numpy(pq.read_table(f)[S.ACTION]))[0].sum())
+                    for f in (demos / "episodes").glob("*.parquet"))
+    for demo_arg in (str(demos / "episodes"), str(tmp_path / "demos.hdf5")):  # either form of expert demos
+        out = tmp_path / f"ds-{Path(demo_arg).suffix or 'dir'}"
+        s = _cli_json(["dataset", "--episodes", str(eps / "episodes"), "--demos", demo_arg, "--out", str(out),
+                       "--k", "5"], capsys)
+        assert list(s) == ["rows", "desirable", "undesirable", "pools", "dropped", "shards", "rows_per_s"]
+        assert s["pools"]["interaction"] == kept_corrector
+        assert 0 < s["undesirable"] <= 5 * starts
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["counts"]["expert"] == demo_kept
+        rows = read_rows(out)
+        assert len(rows) == m["counts"]["batches"] == -(-kept_corrector // 2)
+        for r in rows:
+            assert r["pool"] == [0, 0, 0, 0, 1, 1, 2, 2]
+            assert np.asarray(r["image"]).shape == (8, 64, 64, 3)
+            assert all(x == "lift the red cube" for x in r["instruction"])
+    # same command again: skipped, same manifest
+    before = (out / "manifest.json").read_text()
+    _cli_json(["dataset", "--episodes", str(eps / "episodes"), "--demos", str(tmp_path / "demos.hdf5"), "--out",
+               str(out), "--k", "5"], capsys)
+    assert (out / "manifest.json").read_text() == before
