@@ -5,7 +5,7 @@ half-done run draws the same thing the loop drew:
 
 * ``journal.json`` stage results: evaluation (``r<R>/<arm>/eval/<scenario>``), deployment
   (``r<R>/<arm|shared>/collect/<scenario>``) and dataset (``r<R>/<arm|shared>/dataset``) summaries;
-* the trainer's per-step metrics, ``r<R>/<arm>/train/metrics.jsonl`` (one JSON object per line with ``step``);
+* the trainer's per-step metrics, TensorBoard scalars ``train/<metric>`` in ``r<R>/<arm>/train/tb/``;
 * MP4s under ``*/videos/``.
 
 Outputs beside ``report.html``: ``results.md`` (the success table with Wilson 95% CIs, for the README) and
@@ -32,7 +32,7 @@ from apo_ray import fsio
 KEY_RE = re.compile(r"^r(?P<round>\d+)/(?P<arm>[^/]+)/(?P<stage>collect|dataset|train|eval)(?:/(?P<scenario>.+))?$")
 BASE_ARM = "base"
 SHARED_ARM = "shared"
-TRAIN_METRICS = ("loss", "kl", "sum_lambda_D", "sum_lambda_U", "r_D", "r_U", "kl_at_clamp", "token_acc")
+TRAIN_METRICS = ("loss", "kl", "sum_lambda_D", "sum_lambda_U", "r_D", "r_U", "kl_at_clamp", "token_acc", "acc_c2")
 MAX_VIDEOS = 4
 
 
@@ -116,23 +116,30 @@ def cmix_rows(run: Run) -> list[dict[str, Any]]:
     return rows
 
 
+def read_tb_scalars(tb_dir: Path) -> list[dict[str, Any]]:
+    """The trainer's TensorBoard scalars (``train/<metric>``) as one dict per step, in step order."""
+    if not tb_dir.is_dir() or not any(tb_dir.glob("events.*")):
+        return []
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    by_step: dict[int, dict[str, Any]] = defaultdict(dict)
+    for tag in acc.Tags().get("scalars", []):
+        name = tag.split("/", 1)[-1]
+        for ev in acc.Scalars(tag):
+            by_step[int(ev.step)][name] = float(ev.value)
+    return [{"step": s, **by_step[s]} for s in sorted(by_step)]
+
+
 def train_curves(run: Run) -> dict[str, list[dict[str, Any]]]:
     """Per arm: the per-step metrics of all its train stages, steps made cumulative across rounds."""
     curves: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for k, _res in run.of("train"):
-        path = run.run_dir / k["key"] / "metrics.jsonl"
-        if not path.exists():
-            continue
         offset = curves[k["arm"]][-1]["gstep"] if curves[k["arm"]] else 0
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            step = rec.get("step")
-            if step is None:
-                continue
-            curves[k["arm"]].append({**rec, "gstep": offset + int(step), "round": k["round"]})
-    return dict(curves)
+        for rec in read_tb_scalars(run.run_dir / k["key"] / "tb"):
+            curves[k["arm"]].append({**rec, "gstep": offset + rec["step"], "round": k["round"]})
+    return {arm: pts for arm, pts in curves.items() if pts}
 
 
 def results_markdown(rows: list[dict[str, Any]]) -> str:

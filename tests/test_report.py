@@ -9,9 +9,11 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
 
 from apo_ray.journal import Journal
-from apo_ray.report import load_run, results_markdown, success_rows, write_report
+from apo_ray.report import load_run, results_markdown, success_rows, train_curves, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -53,10 +55,13 @@ def _make_run(root: Path, rng: random.Random) -> dict:
             truth["c"][(r, arm)] = c
             rec(f"r{r}/{arm}/dataset", {"counts": {"per_class": c, "rows": 3}})
             rec(f"r{r}/{arm}/train", {"steps": 5})
-            with open(root / f"r{r}/{arm}/train/metrics.jsonl", "w") as f:
-                for s in range(1, 6):
-                    f.write(json.dumps({"step": s, "loss": rng.random(), "kl": -rng.random(),
-                                        "sum_lambda_D": rng.random(), "sum_lambda_U": rng.random()}) + "\n")
+            writer = SummaryWriter(str(root / f"r{r}/{arm}/train/tb"))  # what the trainer writes
+            for s in range(1, 6):
+                for name in ("loss", "kl", "sum_lambda_D", "sum_lambda_U"):
+                    v = rng.random() * (-1 if name == "kl" else 1)
+                    truth.setdefault("tb", {})[(r, arm, s, name)] = v
+                    writer.add_scalar(f"train/{name}", v, s)
+            writer.close()
             for sc in ("position", "nominal"):
                 ev(f"r{r}/{arm}/eval/{sc}", sc)
     import imageio.v2 as imageio
@@ -101,3 +106,13 @@ def test_report_on_an_empty_or_partial_run(tmp_path: Path) -> None:
     text = path.read_text()
     assert "no success curves yet" in text and "no training curves yet" in text
     assert results_markdown(success_rows(load_run(tmp_path))).startswith("_no evaluation")
+
+
+def test_training_curves_come_from_the_trainers_tensorboard(tmp_path: Path) -> None:
+    truth = _make_run(tmp_path, random.Random(3))
+    curves = train_curves(load_run(tmp_path))
+    assert sorted(curves) == ["apo", "dagger"]
+    for arm, pts in curves.items():
+        assert [p["gstep"] for p in pts] == list(range(1, 11))  # round 2 continues after round 1's 5 steps
+        for p in pts:
+            assert p["kl"] == pytest.approx(truth["tb"][(p["round"], arm, p["step"], "kl")], rel=1e-6)
