@@ -337,3 +337,29 @@ def test_cli_end_to_end_on_collected_episodes(ray_local, tmp_path: Path, capsys:
     _cli_json(["dataset", "--episodes", str(eps / "episodes"), "--demos", str(tmp_path / "demos.hdf5"), "--out",
                str(out), "--k", "5"], capsys)
     assert (out / "manifest.json").read_text() == before
+
+
+@pytest.mark.ray
+def test_reference_stage_matches_live_reference(ray_local, inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    """The ref_* columns written by the pipeline equal a live forward pass of the same checkpoint (1e-5)."""
+    from apo_ray import model as M
+    from apo_ray.config import ModelConfig
+
+    eps, demos = inputs
+    stats = A.action_stats(np.random.default_rng(0).uniform(-1, 1, (50, 7)))
+    model, proc = M.build_model(ModelConfig(), stats, image_size=64, instructions=["lift the cube"])
+    ckpt = M.save_checkpoint(model, proc, tmp_path / "ref")
+    out = tmp_path / "ds"
+    D.build_dataset([eps], [demos], out, DataConfig(), ref_checkpoint=str(ckpt), vocab_size=M.VOCAB_SIZE)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["reference"]["checkpoint"] == str(Path(ckpt).resolve())
+    assert set(D.REF_COLUMNS) <= set(manifest["columns"])
+    table = pa.concat_tables(pq.read_table(p) for p in sorted((out / "shards").glob("*.parquet")))
+    ref, rproc, _ = M.load_policy(ckpt)
+    for i in range(table.num_rows):
+        row = {n: S.column_to_numpy(table[n].slice(i, 1))[0] for n in (S.IMAGE, S.PROPRIO, D.ACTION_TOKENS,
+                                                                       D.ORACLE_TOKENS, *D.REF_COLUMNS)}
+        live = M.reference_logps(ref, rproc, row[S.IMAGE], table[S.INSTRUCTION][i].as_py(), row[D.ACTION_TOKENS],
+                                 row[D.ORACLE_TOKENS], row[S.PROPRIO], group=8)
+        for name in D.REF_COLUMNS:
+            np.testing.assert_allclose(row[name], live[name], atol=1e-5, rtol=0)
