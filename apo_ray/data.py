@@ -252,11 +252,11 @@ def _label_block(batch: dict[str, np.ndarray], cfg: DataConfig, expert_paths: fr
     An episode file is far below Ray's block size, so a read block holds whole episodes and no shuffle is
     needed; the ``block`` column lets the driver check that no episode was split across blocks.
     """
-    keys = np.char.add(np.asarray(batch[PATH]).astype(str), np.char.add("\0", np.asarray(batch[S.EPISODE_ID]).astype(str)))
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    keys = np.char.add(np.asarray(batch[PATH]).astype(str),
+                       np.char.add("\0", np.asarray(batch[S.EPISODE_ID]).astype(str)))
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     parts = []
-    for g in range(len(first)):
-        rows = np.flatnonzero(inverse == g)
+    for rows in np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1]) if len(counts) else []:
         path = str(batch[PATH][rows[0]])
         c_in = np.asarray(batch[S.C])[rows]
         bad = ~np.isin(c_in, (S.C_POLICY, S.C_CORRECTOR))
@@ -268,10 +268,12 @@ def _label_block(batch: dict[str, np.ndarray], cfg: DataConfig, expert_paths: fr
         out, _ = label_episode({n: np.asarray(batch[n])[rows] for n in LIGHT_COLUMNS}, cfg, path in expert_paths)
         out[PATH] = np.full(len(rows), path, dtype=object)
         parts.append(out)
-    block = uuid.uuid4().hex
-    return {k: np.concatenate([p[k] for p in parts]) if parts else np.asarray(batch[k])[:0]
-            for k in (PATH, S.EPISODE_ID, S.T, "keep", S.C, S.ACTION)} | {
-            "block": np.full(sum(len(p[S.T]) for p in parts), block, dtype=object)}
+    if not parts:  # an empty read block
+        parts = [{PATH: np.array([], object), S.EPISODE_ID: np.array([], object), S.T: np.array([], np.int32),
+                  "keep": np.array([], bool), S.C: np.array([], np.int8), S.ACTION: np.zeros((0, 7), np.float32)}]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in (PATH, S.EPISODE_ID, S.T, "keep", S.C, S.ACTION)}
+    out["block"] = np.full(len(out[S.T]), uuid.uuid4().hex, dtype=object)
+    return out
 
 
 def _explode(batch: dict[str, np.ndarray], plan: dict[str, np.ndarray], path_ids: dict[str, int],

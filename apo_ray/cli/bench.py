@@ -1,8 +1,9 @@
 """apo-ray bench {data,rollout,train}: throughput benchmarks printing one JSON line.
 
-Each benchmark lives in ``apo_ray/bench_<name>.py`` as ``bench_<name>(args) -> dict`` and is imported only when
-run. ``data`` has its flags here; ``rollout`` and ``train`` pass their remaining arguments through as
-``args.options`` until their owners give them flags of their own.
+Each benchmark lives in ``apo_ray/bench_<name>.py`` and is imported only when run. ``data`` has its flags here
+and runs ``bench_data(args) -> dict``. ``rollout`` and ``train`` get their remaining arguments as
+``args.options``: a module with ``add_arguments(parser)`` + ``run(ns)`` has them parsed by its own parser,
+otherwise ``bench_<name>(args)`` parses them itself.
 """
 
 from __future__ import annotations
@@ -42,5 +43,11 @@ def run(args: argparse.Namespace) -> int:
         if e.name != args.bench_module:
             raise
         raise usage_error(f"benchmark '{args.bench}' is not built yet ({args.bench_module} missing)") from None
-    print(json.dumps(getattr(mod, args.bench_fn)(args)))
+    if args.bench != "data" and hasattr(mod, "add_arguments") and hasattr(mod, "run"):
+        parser = argparse.ArgumentParser(prog=f"apo-ray bench {args.bench}")
+        mod.add_arguments(parser)
+        result = mod.run(parser.parse_args([o for o in args.options if o != "--"]))
+    else:
+        result = getattr(mod, args.bench_fn)(args)
+    print(json.dumps(result))
     return 0
