@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--n-episodes", type=int, default=100, help="synthesized episodes")
     d.add_argument("--steps", type=int, default=60, help="steps per synthesized episode")
     d.add_argument("--image-size", type=int, default=64)
-    d.add_argument("--repeats", type=int, default=2, help="runs of each side; the best is reported")
+    d.add_argument("--repeats", type=int, default=3, help="runs of each side; the best is reported")
     d.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     d.set_defaults(func=run, bench_module="apo_ray.bench_data", bench_fn="bench_data")
 
