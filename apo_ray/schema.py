@@ -84,6 +84,19 @@ def tensor_array(values: np.ndarray) -> pa.ExtensionArray:
     return ArrowTensorArray.from_numpy(np.ascontiguousarray(values))
 
 
+def register_tensor_types() -> None:
+    """Register Ray's tensor extension types with pyarrow; without it a reader sees bare flat lists."""
+    import ray.data.extensions  # noqa: F401
+
+
+def read_table(path: Any, columns: list[str] | None = None) -> pa.Table:
+    """``pq.read_table`` that always yields tensor columns as tensors."""
+    import pyarrow.parquet as pq
+
+    register_tensor_types()
+    return pq.read_table(path, columns=columns)
+
+
 def column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Stack a tensor-extension (or fixed-size-list) column into one ndarray."""
     if isinstance(col, pa.ChunkedArray):

@@ -64,8 +64,9 @@ def _inspect_dataset(data_dir: Path) -> dict[str, Any]:
             instructions.update(lst)
         for lst in t.column("c").to_pylist():
             c_counts += np.bincount(np.asarray(lst, dtype=np.int64), minlength=3)[:3]
-    first = pq.read_table(shards[0], columns=["image"]).slice(0, 1)
-    from apo_ray.schema import column_to_numpy
+    from apo_ray.schema import column_to_numpy, read_table
+
+    first = read_table(shards[0], columns=["image"]).slice(0, 1)
 
     img = column_to_numpy(first.column("image"))  # (1, B, H, W, 3)
     return {"manifest": manifest, "shards": [str(s) for s in shards], "rows": rows,
