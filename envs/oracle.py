@@ -26,6 +26,9 @@ OPEN, CLOSE = -1.0, 1.0
 EMPTY_GAP = 0.006
 """Finger gap (m) below which a closed gripper holds nothing."""
 OPEN_GAP = 0.07
+ROT_MAX = 0.3
+"""Cap on rotation actions (x 0.5 rad): a larger orientation error saturates the 12 Nm wrist joints, and the
+clipped torques then stall the arm's translation too."""
 MAX_TILT = 0.5
 """Gripper tilt (rad from pointing down) beyond which the oracle only turns back: a twisted wrist drives the
 arm into joint limits where OSC stalls."""
@@ -90,14 +93,14 @@ def _wrap(angle: float, period: float) -> float:
     return float((angle + period / 2) % period - period / 2)
 
 
-def _orientation_action(eef_quat: np.ndarray, yaw_target: float) -> np.ndarray:
+def _orientation_action(eef_quat: np.ndarray, yaw_target: float, limit: float = ROT_MAX) -> np.ndarray:
     """Axis-angle (world frame) towards gripper-down at ``yaw_target``, scaled to OSC's 0.5 rad per unit."""
     r = _rot(eef_quat)
     z = np.array([0.0, 0.0, -1.0])
     x = np.array([np.cos(yaw_target), np.sin(yaw_target), 0.0])
     rd = np.stack([x, np.cross(z, x), z], axis=1)
     err = 0.5 * sum(np.cross(r[:, i], rd[:, i]) for i in range(3))
-    return np.clip(err / 0.5 * 3.0, -1.0, 1.0)
+    return np.clip(err / 0.5 * 3.0, -limit, limit)
 
 
 class Oracle:
@@ -230,7 +233,8 @@ class Oracle:
         if fine:
             action[:2] = np.clip((goal - eef)[:2] / 0.02, -1.0, 1.0)
             action[2] = np.clip(action[2], -0.4, 0.4)
-        action[3:6] = _orientation_action(quat, yaw_goal)
+        # a pure reorientation may use the wrist's full torque: nothing else is asked of the arm then
+        action[3:6] = _orientation_action(quat, yaw_goal, 1.0 if self.phase == "reorient" else ROT_MAX)
         action[6] = gripper
         return action.astype(np.float32)
 

@@ -70,7 +70,7 @@ SCENARIOS: dict[str, ScenarioSpec] = {
             "Square: the peg is placed at random instead of fixed",
             object_region={
                 "lift": ((0.08, 0.12), (-0.03, 0.03)),
-                "can": ((0.06, 0.195), (-0.245, -0.12)),
+                "can": ((0.0, 0.195), (-0.245, 0.0)),
                 "stack": ((0.06, 0.14), (-0.08, 0.08)),
             },
             fixture_region={"square": ((0.13, 0.25), (0.02, 0.18))},
