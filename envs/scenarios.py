@@ -66,8 +66,8 @@ SCENARIOS: dict[str, ScenarioSpec] = {
         ScenarioSpec("nominal", "robosuite's default task, the demonstration distribution"),
         ScenarioSpec(
             "position",
-            "the object starts outside the demo region (Lift/Stack: shifted +x; Can: the bin's far corner); "
-            "Square: the peg is placed at random instead of fixed",
+            "the object starts outside the demo region (Lift: cube x 0.08..0.12 instead of +-0.03; Stack: "
+            "cubes shifted +x; Can: only the bin's far-left quarter); Square: the peg is placed at random",
             object_region={
                 "lift": ((0.08, 0.12), (-0.03, 0.03)),
                 "can": ((0.0, 0.195), (-0.245, 0.0)),
@@ -85,7 +85,8 @@ SCENARIOS: dict[str, ScenarioSpec] = {
             distractor_region={"lift": _TABLE_REGION, "stack": _TABLE_REGION, "square": _TABLE_REGION,
                                "can": ((-0.05, 0.25), (-0.45, -0.05), 0.82)},
         ),
-        ScenarioSpec("physics", "object mass x0.5..3, friction x0.5..1.5 and size x0.85..1.15, per episode",
+        ScenarioSpec("physics", "object mass x0.5..3, friction x0.5..1.5 and size x0.85..1.15 (box geoms; the can mesh "
+                     "keeps its size), drawn per episode",
                      mass_scale=(0.5, 3.0), friction_scale=(0.5, 1.5), size_scale=(0.85, 1.15)),
         ScenarioSpec("push", "an external horizontal force shoves the object once, early in the episode",
                      push=PushSpec(accel=(13.0, 16.0), start=(8, 30), steps=2)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -149,3 +151,13 @@ def test_physics_and_push_and_composition():
         finally:
             env.close()
     assert moved["nominal"] < 1e-3 and moved["push"] > 0.01 and moved["position+push"] > 0.01, moved
+
+
+def test_cli_lists_tasks_and_scenarios(capsys):
+    from apo_ray.cli import main
+
+    assert main(["tasks", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [t["name"] for t in info["tasks"]] == list(envs.TASKS)
+    assert {s["name"] for s in info["scenarios"]} == set(envs.SCENARIOS)
+    assert main(["tasks"]) == 0 and "position+texture" in capsys.readouterr().out
