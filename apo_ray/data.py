@@ -60,6 +60,7 @@ ACTION_TOKENS = "action_tokens"
 ORACLE_TOKENS = "oracle_tokens"
 REF_LOGP, REF_LOGP_U, REF_KL_LOGP, REF_LOGP_ORACLE = "ref_logp", "ref_logp_u", "ref_kl_logp", "ref_logp_oracle"
 REF_COLUMNS = (REF_LOGP, REF_LOGP_U, REF_KL_LOGP, REF_LOGP_ORACLE)
+TARGET_PARTITION_BYTES = 32 << 20
 
 # Columns of one output row (one micro-batch); every one but batch_id has leading dim B.
 SAMPLE_COLUMNS = (S.IMAGE, S.PROPRIO, S.INSTRUCTION, S.ACTION, ACTION_NORM, ACTION_BINS, ACTION_TOKENS,
@@ -613,7 +614,7 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
 
     # Pass 1: per-episode filter + relabel on the light columns.
     def label_pass() -> dict[str, np.ndarray]:
-        ds = ray.data.read_parquet(files, include_paths=True, override_num_blocks=_partitions(len(files)))
+        ds = ray.data.read_parquet(files, include_paths=True, override_num_blocks=_partitions(len(files), 0))
         ds = ds.select_columns([*LIGHT_COLUMNS, PATH])
         ds = ds.map_batches(_add_local_path, batch_format="numpy")
         ds = ds.map_batches(functools.partial(_label_block, cfg=cfg, expert_paths=frozenset(expert)),
@@ -635,15 +636,18 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
     # Pass 2: normalize, tokenize, place every step into its balanced micro-batches, write.
     shard_dir = tmp / "shards"
     batches_per_shard = max(1, cfg.rows_per_shard // cfg.batch_size)
+    input_bytes = sum(os.path.getsize(f) for f in files)
+    batch_bytes = counts["samples"] * (int(np.prod(image_shape)) + 128)  # images dominate
 
     def batch_pass() -> None:
-        ds = ray.data.read_parquet(files, include_paths=True, override_num_blocks=_partitions(len(files)))
+        ds = ray.data.read_parquet(files, include_paths=True,
+                                   override_num_blocks=_partitions(len(files), input_bytes))
         ds = ds.select_columns([*HEAVY_COLUMNS, PATH])
         ds = ds.map_batches(_add_local_path, batch_format="numpy")
         ds = ds.map_batches(functools.partial(_explode, plan=plan, path_ids=path_ids, stats=stats,
                                               vocab_size=vocab_size, n_bins=cfg.n_bins), batch_format="numpy")
-        ds = ds.groupby(BATCH_ID, num_partitions=_partitions(counts["batches"])).map_groups(functools.partial(_assemble, batch_size=cfg.batch_size),
-                                             batch_format="numpy")
+        ds = ds.groupby(BATCH_ID, num_partitions=_partitions(counts["batches"], batch_bytes)).map_groups(
+            functools.partial(_assemble, batch_size=cfg.batch_size), batch_format="numpy")
         if reference is not None:
             ds = ds.map_batches(RefLogp, fn_constructor_args=(functools.partial(_model_logp_fn,
                                 reference["checkpoint"]),), batch_format="pyarrow", batch_size=16, concurrency=1)
@@ -680,11 +684,13 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
     return manifest
 
 
-def _partitions(n_keys: int) -> int:
-    """Hash-shuffle partitions: Ray's default of 200 costs a task each, far too many for a small cluster."""
+def _partitions(n_keys: int, nbytes: int) -> int:
+    """Read blocks / shuffle partitions: about 32 MB each, at most two per cluster CPU, at most one per key.
+    Ray's defaults (200) cost a task each, which dominates on a small cluster."""
     import ray
 
-    return max(1, min(n_keys, 2 * int(ray.cluster_resources().get("CPU", 1))))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(n_keys, 2 * cpus, math.ceil(nbytes / TARGET_PARTITION_BYTES)))
 
 
 def _add_local_path(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
