@@ -522,6 +522,7 @@ def build_dataset(episode_dirs: Iterable[str | os.PathLike[str]], demo_paths: It
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    episode_dirs, demo_paths = list(episode_dirs), list(demo_paths)
     if vocab_size < cfg.n_bins:
         raise UserError(f"vocab_size {vocab_size} < {cfg.n_bins} action bins", "--vocab-size",
                         "pass the model's vocabulary size")
@@ -539,7 +540,12 @@ def build_dataset(episode_dirs: Iterable[str | os.PathLike[str]], demo_paths: It
     if not inputs:
         raise UserError("no episode files found", " ".join(map(str, [*episode_dirs, *demo_paths])) or "inputs",
                         "pass dirs that hold *.parquet episodes (apo-ray collect --out DIR writes DIR/episodes)")
+    seen: dict[str, str] = {}
     for i in inputs:
+        if i["path"] in seen:  # the same steps twice would double their weight in training
+            raise UserError(f"episode file given twice (as {seen[i['path']]} and {i['role']})", i["path"],
+                            "pass each episode dir once")
+        seen[i["path"]] = i["role"]
         i["sha256"] = sha256_file(i["path"])
     config = {"k": cfg.k, "ratios": list(cfg.ratios), "filters": {"max_abs_action": cfg.max_abs_action,
               "idle_threshold": cfg.idle_threshold}, "seed": cfg.seed, "batch_size": cfg.batch_size,
