@@ -1,0 +1,430 @@
+"""The lifelong-learning loop (apo_spec.md §3, the paper's Algorithm 1), as a journal of idempotent stages.
+
+Round 0 (shared by every arm)::
+
+    r0/demos/collect/<orig>      oracle expert demos in the original scenario
+    r0/base/dataset              BC training set from the demos
+    r0/base/train                π0, trained from scratch with objective ``loop.base_objective``
+    r0/base/eval/<scenario>      held-out seeds, every disruption scenario + the original one
+
+Round r ≥ 1, for each arm (= training objective: apo, kto, dagger, sirius, dpo)::
+
+    r<r>/<arm>/collect/<sc>      deploy the arm's π(r-1) with the corrector, in each disruption scenario
+    r<r>/<arm>/dataset           all the arm's interaction data of rounds 1..r + the expert demos,
+                                 reference log-probs of π(r-1) precomputed
+    r<r>/<arm>/train             warm start from π(r-1), reference = π(r-1)
+    r<r>/<arm>/eval/<sc>         held-out seeds, disruption scenarios + the original scenario
+
+With ``loop.share_round1`` the round-1 deployment and dataset are built once (``r1/shared/...``) from π0 and
+used by every arm. Each stage owns the directory named by its key; :mod:`apo_ray.journal` makes each one
+atomic, so a rerun (or ``--resume``) continues after the last completed stage, and a SIGKILL anywhere loses and
+duplicates nothing. Seeds come from coordinates: demos ``collect.seed + i``, round-r deployment in scenario j
+``collect.seed + 10000·r + 1000·j + i``, evaluation ``eval.seed + i`` (the same held-out list every round).
+``report/report.html`` is rewritten after every round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from apo_ray import fsio
+from apo_ray.config import Config
+from apo_ray.errors import UserError
+from apo_ray.journal import Journal, run_lock, run_stage, set_progress
+from apo_ray.storage import RunStorage
+
+ROUND_SEED_STRIDE = 10_000
+SCENARIO_SEED_STRIDE = 1_000
+BASE = "base"
+SHARED = "shared"
+DEMOS = "demos"
+CONFIG_FILE = "config.json"
+RESUMABLE_CONFIG_KEYS = ("loop.rounds", "eval.videos", "collect.videos", "collect.workers", "eval.workers",
+                         "train.workers", "loop.storage")
+"""Keys that may change between a run and its resume: they do not change any completed stage's output."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    key: str
+    kind: str
+    round: int
+    arm: str
+    scenario: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.key
+
+
+def original_scenario(cfg: Config) -> str:
+    return cfg.env.scenario
+
+
+def eval_scenarios(cfg: Config) -> list[str]:
+    out = list(cfg.loop.scenarios)
+    if original_scenario(cfg) not in out:
+        out.append(original_scenario(cfg))
+    return out
+
+
+def deploy_arm(cfg: Config, rnd: int, arm: str) -> str:
+    """Whose deployment data the arm uses in round ``rnd``."""
+    return SHARED if (rnd == 1 and cfg.loop.share_round1) else arm
+
+
+def plan(cfg: Config) -> list[Stage]:
+    """Every stage of the run, in execution order."""
+    orig = original_scenario(cfg)
+    stages = [Stage(f"r0/{DEMOS}/collect/{orig}", "collect", 0, DEMOS, orig),
+              Stage(f"r0/{BASE}/dataset", "dataset", 0, BASE),
+              Stage(f"r0/{BASE}/train", "train", 0, BASE)]
+    stages += [Stage(f"r0/{BASE}/eval/{sc}", "eval", 0, BASE, sc) for sc in eval_scenarios(cfg)]
+    for rnd in range(1, cfg.loop.rounds + 1):
+        for arm in cfg.loop.arms:
+            src = deploy_arm(cfg, rnd, arm)
+            for sc in cfg.loop.scenarios:
+                st = Stage(f"r{rnd}/{src}/collect/{sc}", "collect", rnd, src, sc)
+                if st not in stages:
+                    stages.append(st)
+            ds = Stage(f"r{rnd}/{src}/dataset", "dataset", rnd, src)
+            if ds not in stages:
+                stages.append(ds)
+            stages.append(Stage(f"r{rnd}/{arm}/train", "train", rnd, arm))
+            stages += [Stage(f"r{rnd}/{arm}/eval/{sc}", "eval", rnd, arm, sc) for sc in eval_scenarios(cfg)]
+    return stages
+
+
+def check_config(cfg: Config) -> None:
+    """Loop-level consistency the config tree cannot check field by field."""
+    lp = cfg.loop
+    import envs
+
+    if lp.rounds < 0:
+        raise UserError(f"loop.rounds must be >= 0, got {lp.rounds}", "config loop.rounds", "use 0..10")
+    if lp.demos < 1 or lp.demos > ROUND_SEED_STRIDE:
+        raise UserError(f"loop.demos must be in 1..{ROUND_SEED_STRIDE}, got {lp.demos}", "config loop.demos",
+                        "collect at least one expert demo")
+    if not 1 <= lp.rollouts_per_round <= SCENARIO_SEED_STRIDE:
+        raise UserError(f"loop.rollouts_per_round must be in 1..{SCENARIO_SEED_STRIDE}, got "
+                        f"{lp.rollouts_per_round}", "config loop.rollouts_per_round", "the paper uses 20")
+    if not lp.arms and lp.rounds > 0:
+        raise UserError("loop.arms is empty", "config loop.arms", "list objectives, e.g. [apo, dagger]")
+    from apo_ray.loss import OBJECTIVES
+
+    for arm in lp.arms:
+        if arm not in OBJECTIVES or arm == "bc":
+            raise UserError(f"unknown arm '{arm}'", "config loop.arms",
+                            f"use objectives among {', '.join(o for o in OBJECTIVES if o != 'bc')}")
+    if len(set(lp.arms)) != len(lp.arms) or {BASE, SHARED, DEMOS} & set(lp.arms):
+        raise UserError(f"loop.arms must be distinct objectives, got {list(lp.arms)}", "config loop.arms",
+                        "list each objective once")
+    if lp.base_objective not in OBJECTIVES:
+        raise UserError(f"unknown loop.base_objective '{lp.base_objective}'", "config loop.base_objective",
+                        "use bc")
+    if not lp.scenarios and lp.rounds > 0:
+        raise UserError("loop.scenarios is empty", "config loop.scenarios", "name a disruption, e.g. [position]")
+    for sc in (*lp.scenarios, cfg.env.scenario):
+        envs.parse_scenario(sc)
+    if cfg.env.task not in envs.TASKS:
+        import difflib
+
+        close = difflib.get_close_matches(cfg.env.task, list(envs.TASKS), n=1)
+        raise UserError(f"unknown task '{cfg.env.task}'", "config env.task",
+                        f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(envs.TASKS)}")
+    top = cfg.collect.seed + ROUND_SEED_STRIDE * (lp.rounds + 1)
+    if cfg.collect.seed <= cfg.eval.seed < top or cfg.eval.seed <= cfg.collect.seed < cfg.eval.seed + cfg.eval.episodes:
+        raise UserError(f"evaluation seeds {cfg.eval.seed}.. overlap collection seeds {cfg.collect.seed}..{top}",
+                        "config eval.seed", f"use eval.seed >= {top}")
+
+
+# ------------------------------------------------------------------------------------------- progress
+
+
+class _Ticker:
+    """A live one-line progress display for stages that print none of their own (dataset, train)."""
+
+    def __init__(self, label: str, probe: Callable[[], str] | None, enabled: bool) -> None:
+        self.label, self.probe = label, probe
+        self.enabled = enabled and sys.stderr.isatty()
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True) if self.enabled else None
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            extra = ""
+            if self.probe is not None:
+                try:
+                    extra = self.probe()
+                except Exception:  # noqa: BLE001 - a display must never break a stage
+                    extra = ""
+            sys.stderr.write(f"\r[{self.label}] {time.monotonic() - self.t0:6.0f} s {extra}\033[K")
+            sys.stderr.flush()
+
+    def __enter__(self) -> _Ticker:
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def _summary_line(stage: Stage, result: dict[str, Any]) -> str:
+    if stage.kind == "eval":
+        lo, hi = result.get("ci95", (0, 0))
+        return (f"success {100 * result['success_rate']:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}] "
+                f"over {result['episodes']} episodes")
+    if stage.kind == "collect":
+        return (f"{result['episodes']} episodes, {result['steps']} steps, "
+                f"{result.get('intervention_episodes', 0)} with interventions "
+                f"({result.get('intervention_steps', 0)} corrector steps)")
+    if stage.kind == "dataset":
+        per = result.get("counts", {}).get("per_class", {})
+        return f"{result['rows']} steps (c=0/1/2: {per.get('0')}/{per.get('1')}/{per.get('2')})"
+    shown = {k: result[k] for k in ("steps", "loss") if k in result}
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Loop:
+    cfg: Config
+    storage: RunStorage
+    address: str | None = None
+    progress: bool = True
+    log: Callable[[str], None] = print
+
+    @property
+    def run_dir(self) -> Path:
+        return self.storage.local
+
+    def dir(self, key: str) -> Path:
+        return self.run_dir / key
+
+    def checkpoint(self, rnd: int, arm: str) -> str:
+        """π(rnd) of ``arm``: round 0 is the shared base policy."""
+        return str(self.dir(f"r{rnd}/{BASE if rnd == 0 else arm}/train") / "checkpoint")
+
+    # ---- stage bodies: each writes only into ``work`` and returns a JSON-able summary
+
+    def _collect(self, st: Stage, work: Path) -> dict[str, Any]:
+        from apo_ray.rollout import collect
+
+        c, e = self.cfg.collect, self.cfg.env
+        if st.round == 0:
+            policy, corrector, seed, n, videos = "oracle", None, c.seed, self.cfg.loop.demos, 0
+        else:
+            j = self.cfg.loop.scenarios.index(st.scenario)
+            policy = self.checkpoint(st.round - 1, self.cfg.loop.arms[0] if st.arm == SHARED else st.arm)
+            corrector = self.cfg.corrector
+            seed = c.seed + ROUND_SEED_STRIDE * st.round + SCENARIO_SEED_STRIDE * j
+            n, videos = self.cfg.loop.rollouts_per_round, c.videos
+        return collect(e.task, st.scenario, policy, n, c.workers, seed, work, round_=st.round, corrector=corrector,
+                       image_size=e.image_size, horizon=e.horizon, videos=videos, address=self.address,
+                       resume=True, progress=self.progress, label=st.key)
+
+    def _episode_dirs(self, rnd: int, src: str) -> list[str]:
+        """All interaction data an arm has gathered in rounds 1..rnd (data accumulates across rounds)."""
+        arm = src
+        out = []
+        for r in range(1, rnd + 1):
+            who = deploy_arm(self.cfg, r, arm) if arm != SHARED else SHARED
+            out += [str(self.dir(f"r{r}/{who}/collect/{sc}") / "episodes") for sc in self.cfg.loop.scenarios]
+        return out
+
+    def _dataset(self, st: Stage, work: Path) -> dict[str, Any]:
+        from apo_ray.data import build_dataset
+
+        demos = [str(self.dir(f"r0/{DEMOS}/collect/{original_scenario(self.cfg)}") / "episodes")]
+        ref = None if st.round == 0 else self.checkpoint(st.round - 1, self.cfg.loop.arms[0] if st.arm == SHARED
+                                                         else st.arm)
+        episode_dirs = self._episode_dirs(st.round, st.arm) if st.round > 0 else []
+        with _Ticker(st.key, None, self.progress):
+            summary = build_dataset(episode_dirs, demos, work, self.cfg.data, ref_checkpoint=ref,
+                                    vocab_size=vocab_size(self.cfg, ref), address=self.address)
+        manifest = json.loads((work / "manifest.json").read_text())
+        return {**summary, "counts": manifest["counts"]}
+
+    def _train(self, st: Stage, work: Path) -> dict[str, Any]:
+        from apo_ray.trainer import train
+
+        if st.round == 0:
+            lp = self.cfg.loop
+            tc = dataclasses.replace(self.cfg.train, objective=lp.base_objective,
+                                     epochs=lp.base_epochs or self.cfg.train.epochs,
+                                     max_steps=lp.base_max_steps or self.cfg.train.max_steps,
+                                     lr=lp.base_lr or self.cfg.train.lr)
+            init = "scratch"
+            data = self.dir(f"r0/{BASE}/dataset")
+        else:
+            tc = dataclasses.replace(self.cfg.train, objective=st.arm)
+            init = self.checkpoint(st.round - 1, st.arm)
+            data = self.dir(f"r{st.round}/{deploy_arm(self.cfg, st.round, st.arm)}/dataset")
+        cfg = dataclasses.replace(self.cfg, train=tc)
+        with _Ticker(st.key, None, self.progress):
+            return train(str(data), init, str(work), cfg, address=self.address)
+
+    def _eval(self, st: Stage, work: Path) -> dict[str, Any]:
+        from apo_ray.evaluate import evaluate
+
+        ev, e = self.cfg.eval, self.cfg.env
+        return evaluate(self.checkpoint(st.round, st.arm), e.task, st.scenario, ev.episodes, ev.workers, ev.seed,
+                        work, videos=ev.videos, image_size=e.image_size, horizon=e.horizon, address=self.address,
+                        resume=True, progress=self.progress, round_=st.round)
+
+    # ---- driver
+
+    def run_stage(self, journal: Journal, st: Stage) -> dict[str, Any]:
+        if journal.done(st.key):
+            return journal.result(st.key)
+        body = {"collect": self._collect, "dataset": self._dataset, "train": self._train, "eval": self._eval}[st.kind]
+        set_progress(self.run_dir, st.key, round=st.round, arm=st.arm, kind=st.kind)
+        if self.progress:
+            self.log(f"[{st.key}] started")
+        t0 = time.monotonic()
+        # collection and evaluation keep the episodes finished before a kill (each episode file is atomic and
+        # seeded by its coordinates); dataset and training restart clean (the trainer restores checkpoints
+        # only within one fit(), and a rerun would append a second copy of its TensorBoard curves)
+        result = run_stage(journal, st.key, lambda work: body(st, work), resumable=st.kind in ("collect", "eval"),
+                           on_done=self._push)
+        self.log(f"[{st.key}] done in {time.monotonic() - t0:.1f} s: {_summary_line(st, result)}")
+        return result
+
+    def _push(self, key: str) -> None:
+        if self.storage.remote:
+            self.storage.push(key)
+            self.storage.push("journal.json")
+
+    def write_report(self) -> Path:
+        from apo_ray.report import write_report
+
+        path = write_report(self.run_dir)
+        if self.storage.remote:
+            self.storage.push("report")
+        return path
+
+    def run(self) -> dict[str, Any]:
+        stages = plan(self.cfg)
+        journal = Journal(self.run_dir)
+        if self.storage.remote:  # stages finished locally but killed before their upload
+            for key in journal.order:
+                if not self.storage.remote_exists(f"{key}/_stage.json"):
+                    self.storage.push(key)
+            self.storage.push("journal.json")
+        done_before = sum(journal.done(s.key) for s in stages)
+        if done_before:
+            self.log(f"resuming {self.storage.location}: {done_before}/{len(stages)} stages already complete")
+        from apo_ray.ray_utils import ray_session
+
+        if self.progress:  # Ray Data's per-dataset INFO lines would bury the stage lines
+            import logging
+
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+        t0 = time.monotonic()
+        with ray_session(self.address):
+            rnd = 0
+            for st in stages:
+                if st.round != rnd:
+                    self.write_report()
+                    rnd = st.round
+                self.run_stage(journal, st)
+        set_progress(self.run_dir, None, finished=True)
+        report = self.write_report()
+        evals = {s.key: journal.result(s.key) for s in stages if s.kind == "eval"}
+        return {"run_dir": str(self.run_dir), "storage": self.storage.location, "stages": len(stages),
+                "ran": len(stages) - done_before, "seconds": round(time.monotonic() - t0, 1),
+                "report": str(report), "eval": {k: v["success_rate"] for k, v in evals.items()}}
+
+
+def vocab_size(cfg: Config, ref_checkpoint: str | None) -> int:
+    """The vocabulary the action tokens live in: from the reference checkpoint, else the model config."""
+    from apo_ray import model as M
+
+    if ref_checkpoint is not None:
+        meta = json.loads((Path(ref_checkpoint) / M.META_FILE).read_text())
+        return int(meta["action_offset"]) + M.N_BINS
+    if cfg.model.kind == "tiny":
+        return M.VOCAB_SIZE
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=True))
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+def prepare_run_dir(cfg: Config, storage: RunStorage, resume: bool) -> Config:
+    """Check the run dir against the config; save the config on a new run. Returns the config to run."""
+    run_dir = storage.local
+    if storage.remote and not (run_dir / "journal.json").exists() and storage.remote_exists("journal.json"):
+        storage.pull()
+    saved_path = run_dir / CONFIG_FILE
+    has_journal = (run_dir / "journal.json").exists()
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        diffs = [k for k in _diff(saved, cfg.to_dict()) if k not in RESUMABLE_CONFIG_KEYS]
+        if diffs:
+            raise UserError(f"the run dir was started with a different config: '{diffs[0]}' differs "
+                            f"({_get(saved, diffs[0])!r} there, {_get(cfg.to_dict(), diffs[0])!r} now)",
+                            str(run_dir), "pass the same config (and overrides) to resume, or use a new --run-dir")
+    elif has_journal:
+        raise UserError(f"{CONFIG_FILE} is missing beside the journal", str(run_dir),
+                        "restore it, or start over in a new run dir")
+    elif resume:
+        raise UserError("nothing to resume: the run dir holds no run", str(run_dir),
+                        "drop --resume to start a new run")
+    elif any(p.name not in (".lock",) for p in run_dir.iterdir()):
+        raise UserError("the run dir is not empty and holds no apo_ray run", str(run_dir),
+                        "pass a new or empty --run-dir")
+    fsio.write_json(saved_path, cfg.to_dict())
+    if storage.remote:
+        storage.push(CONFIG_FILE)
+    return cfg
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for k in dotted.split("."):
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def run_loop(cfg: Config, run_dir: str | os.PathLike[str] | None = None, *, resume: bool = False,
+             address: str | None = None, progress: bool = True, log: Callable[[str], None] = print
+             ) -> dict[str, Any]:
+    """Run (or continue) the lifelong loop in ``run_dir`` (a local path or a URI; default ``loop.storage``)."""
+    check_config(cfg)
+    location = str(run_dir) if run_dir else cfg.loop.storage
+    storage = RunStorage(location)
+    _refuse_source_tree(storage.local)
+    with run_lock(storage.local):
+        cfg = prepare_run_dir(cfg, storage, resume)
+        return Loop(cfg, storage, address=address, progress=progress, log=log).run()
+
+
+def _refuse_source_tree(path: Path) -> None:
+    src = Path(__file__).resolve().parent
+    p = path.resolve()
+    if p == src or src in p.parents:
+        raise UserError("the run dir is inside the package source tree", str(p), "use e.g. runs/<name>")
