@@ -554,6 +554,7 @@ def build_dataset(episode_dirs: Iterable[str | os.PathLike[str]], demo_paths: It
     if ref_checkpoint is not None:
         reference = {"checkpoint": str(Path(ref_checkpoint).resolve()), "sha256": _dir_hash(Path(ref_checkpoint))}
     dhash = _dataset_hash(inputs, config, reference)
+    t_hashed = time.perf_counter()
     old = out_dir / "manifest.json"
     if old.is_file():
         try:
@@ -570,7 +571,7 @@ def build_dataset(episode_dirs: Iterable[str | os.PathLike[str]], demo_paths: It
     tmp.mkdir()
     try:
         with ray_session(address), _data_context():
-            manifest = _build(inputs, tmp, cfg, config, dhash, reference, vocab_size, t0)
+            manifest = _build(inputs, tmp, cfg, config, dhash, reference, vocab_size, t0, t_hashed)
         if out_dir.exists():
             trash = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out_dir, trash)
@@ -585,8 +586,8 @@ def build_dataset(episode_dirs: Iterable[str | os.PathLike[str]], demo_paths: It
 
 
 def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dict[str, Any], dhash: str,
-           reference: dict[str, Any] | None, vocab_size: int, t0: float) -> dict[str, Any]:
-    stages: dict[str, float] = {"hash": time.perf_counter() - t0}
+           reference: dict[str, Any] | None, vocab_size: int, t0: float, t_hashed: float) -> dict[str, Any]:
+    stages: dict[str, float] = {"hash": t_hashed - t0, "ray_start": time.perf_counter() - t_hashed}
     mark = time.perf_counter()
 
     def lap(name: str) -> None:
