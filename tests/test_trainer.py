@@ -189,3 +189,19 @@ def test_nan_loss_stops_with_one_error(tmp_path, built):
         train(built, "scratch", tmp_path / "o", tiny_cfg(objective="bc", lr=1e30, warmup_steps=0, grad_clip=0.0,
                                                      checkpoint_every=1, max_steps=4))
     assert os.path.isdir(tmp_path / "o" / "checkpoint")  # the last good checkpoint is kept
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_cli_train_prints_metrics_json(tmp_path, built, capsys):
+    """`apo-ray train` end to end (DPO, live reference, 2 workers, all-reduced KL flag on), JSON last line."""
+    from apo_ray.cli import main
+
+    rc = main(["train", "--data", str(built), "--init", "scratch", "--objective", "dpo", "--out", str(tmp_path / "o"),
+               "--workers", "2", "--zero", "1", "--epochs", "1", "train.max_steps=2", "train.kl_allreduce=true",
+               "train.torch_threads=1", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2"])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    m = json.loads(last)
+    assert m["step"] == 2 and "margin" in m and (tmp_path / "o" / "checkpoint" / "model.safetensors").is_file()
+    assert main(["train", "--data", str(tmp_path / "none"), "--init", "scratch", "--out", str(tmp_path / "x")]) == 2
