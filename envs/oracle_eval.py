@@ -1,6 +1,7 @@
 """Oracle success rate on a task and scenario, without a camera (fast), printed as one JSON line.
 
     python -m envs.oracle_eval --task lift --scenario nominal --seeds 100 [--first-seed 0]
+    python -m envs.oracle_eval --table results.jsonl     # markdown table from collected JSON lines
 """
 
 from __future__ import annotations
@@ -64,13 +65,30 @@ def evaluate(task: str, scenario: str, seeds: list[int]) -> dict[str, Any]:
     }
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Scenarios as rows, tasks as columns: successes/episodes (rate)."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    cell = {(r["task"], r["scenario"]): f"{r['successes']}/{r['episodes']} ({r['success_rate']:.0%})" for r in rows}
+    lines = ["| scenario | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    lines += [f"| {s} | " + " | ".join(cell.get((t, s), "-") for t in tasks) + " |" for s in scenarios]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", required=True)
+    ap.add_argument("--table", help="print a markdown table from a file of this tool's JSON lines")
+    ap.add_argument("--task")
     ap.add_argument("--scenario", default="nominal")
     ap.add_argument("--seeds", type=int, default=100)
     ap.add_argument("--first-seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(markdown_table([json.loads(line) for line in f if line.startswith("{")]))
+        return
+    if not args.task:
+        ap.error("--task is required")
     print(json.dumps(evaluate(args.task, args.scenario, list(range(args.first_seed,
                                                                     args.first_seed + args.seeds)))))
 

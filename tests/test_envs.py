@@ -59,6 +59,13 @@ def test_observation_contract(lift_cam):
     assert lift_cam.instruction and lift_cam.horizon == envs.TASKS["lift"].horizon
     assert lift_cam.env_meta["env_name"] == "Lift" and lift_cam.env_meta["env_kwargs"]["hard_reset"] is False
     assert lift_cam.get_state().ndim == 1
+    # cheap render survives resets (hard_reset=False keeps the sim and its GL context)
+    import mujoco
+
+    lift_cam.reset(1)
+    ctx = lift_cam.env.sim._render_context_offscreen
+    assert ctx.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] == 0 and ctx.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] == 0
+    assert (ctx.con.offWidth, ctx.con.offHeight) == (64, 64) and lift_cam.env.sim.model.vis.quality.offsamples == 0
     _, _, done, info = lift_cam.step(np.zeros(7))
     assert done is False and info == {"success": False}
 
