@@ -334,6 +334,8 @@ def score_actions(model: nn.Module, inputs: VLAInputs, token_sets: list[torch.Te
     ids = torch.cat([torch.cat([inputs.input_ids, t.long().to(dev), eos], dim=1) for t in token_sets], dim=0)
     amask = torch.cat([inputs.attention_mask, inputs.attention_mask.new_ones(n, N_SCORED)], dim=1).repeat(k, 1)
     core = _core(model)
+    if isinstance(core, TinyVLA) and k > 1:
+        return _score_shared_prefix(model, core, inputs, token_sets, meta)
     if isinstance(core, TinyVLA):
         img = core.encode_images(inputs.pixel_values, inputs.proprio)
         out = model(input_ids=ids[:, :-1], attention_mask=amask[:, :-1], image_embeds=img.repeat(k, 1, 1),
@@ -348,6 +350,31 @@ def score_actions(model: nn.Module, inputs: VLAInputs, token_sets: list[torch.Te
     lo, hi = meta.action_offset, meta.action_offset + N_BINS
     pred = logits[:, :ACTION_DIM, lo:hi].argmax(dim=-1) + lo
     return [TokenScores(tok_logp[i * n:(i + 1) * n], pred[i * n:(i + 1) * n]) for i in range(k)]
+
+
+def _score_shared_prefix(model: nn.Module, core: TinyVLA, inputs: VLAInputs, token_sets: list[torch.Tensor],
+                         meta: VLAMeta) -> list[TokenScores]:
+    """K token sets share the observation prefix (image + prompt, ~80% of the sequence): run it once with a
+    KV cache, repeat the cache K times and run only the 7-token suffixes. Gradients flow through the cache."""
+    k, n = len(token_sets), inputs.input_ids.shape[0]
+    dev = inputs.input_ids.device
+    img = core.encode_images(inputs.pixel_values, inputs.proprio)
+    pre = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, image_embeds=img,
+                use_cache=True, logits_to_keep=1)
+    cache = pre.cache
+    cache.batch_repeat_interleave(k)  # sample-major: row i*k + j = sample i, set j
+    suffix = torch.stack([t.long().to(dev) for t in token_sets], dim=1).reshape(n * k, ACTION_DIM)
+    pmask = torch.cat([inputs.attention_mask.new_ones(img.shape[:2]), inputs.attention_mask], 1).repeat_interleave(k, 0)
+    mask = torch.cat([pmask, pmask.new_ones(n * k, ACTION_DIM)], 1)
+    pos = pmask.sum(1, keepdim=True) + torch.arange(ACTION_DIM, device=dev)
+    out = model(input_ids=suffix, attention_mask=mask, cache=cache, use_cache=True, position_ids=pos)
+    logits = torch.cat([pre.logits[:, -1:].repeat_interleave(k, 0), out.logits], 1)  # (n*k, 8, V)
+    targets = torch.cat([suffix, torch.full((n * k, 1), meta.eos_id, dtype=torch.long, device=dev)], 1)
+    tok_logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    lo = meta.action_offset
+    pred = logits[:, :ACTION_DIM, lo:lo + N_BINS].argmax(-1) + lo
+    tok_logp, pred = tok_logp.reshape(n, k, N_SCORED), pred.reshape(n, k, ACTION_DIM)
+    return [TokenScores(tok_logp[:, j], pred[:, j]) for j in range(k)]
 
 
 def rolled(tokens: torch.Tensor, group: int) -> torch.Tensor:
