@@ -34,6 +34,6 @@ def run(args: argparse.Namespace) -> int:
                           "pass only one of them")
     result = run_loop(cfg, args.run_dir, resume=args.resume, address=args.address,
                       progress=not args.no_progress)
-    print(f"report: {result['report']}")
     print(json.dumps(result))
+    print(f"report: {result['report']}")  # the last line: where to look
     return 0
