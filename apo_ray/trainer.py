@@ -186,7 +186,6 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
                                  if loop_cfg["ref_mode"] == "cached" else [])
     ds = ray.data.read_parquet(info["shards"], columns=cols, num_cpus=0.25)
     use_gpu = bool(t.use_gpu and ray.cluster_resources().get("GPU", 0) >= t.workers)
-    os.environ["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", "")
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_cfg,
