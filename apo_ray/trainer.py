@@ -348,7 +348,7 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     stop = False
-    epoch = epoch0
+    epoch, step_in_epoch = epoch0, skip
     for epoch in range(epoch0, t.epochs):
         it = shard.iter_batches(batch_size=t.grad_accum, batch_format="numpy", drop_last=True, prefetch_batches=2)
         step_in_epoch = 0
