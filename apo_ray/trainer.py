@@ -99,6 +99,19 @@ def _reference_mode(cfg: Config, info: dict, init: str) -> str:
     return "cached" if cached_ok and same else "live"
 
 
+def _fresh_or_resume(out_dir: Path, key: dict) -> None:
+    """Ray Train resumes a run dir's latest checkpoint. Keep that only for an unfinished run of the same
+    config, init and dataset (a crashed driver); anything else starts over."""
+    run_key = out_dir / "run_key.json"
+    same = run_key.is_file() and json.loads(run_key.read_text()) == json.loads(json.dumps(key))
+    if not same or (out_dir / "metrics.json").is_file():
+        shutil.rmtree(out_dir / "ray", ignore_errors=True)
+        (out_dir / "metrics.json").unlink(missing_ok=True)
+        for flag in out_dir.glob(".fault-injected-*"):
+            flag.unlink()
+    fsio.write_json(run_key, key)
+
+
 def _check_vocab(info: dict, init: str, cfg: Config) -> None:
     """The dataset's action tokens must be the model's last 256 ids."""
     from apo_ray import model as M
@@ -154,6 +167,8 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
         total = min(total, t.max_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / NAN_MARKER).unlink(missing_ok=True)
+    _fresh_or_resume(out_dir, {"config": cfg.to_dict(), "init": init,
+                               "dataset": info["manifest"].get("dataset_hash", str(data_dir.resolve()))})
     fsio.write_json(out_dir / "config.json", cfg.to_dict())
     loop_cfg = {"cfg": cfg.to_dict(), "init": init, "out_dir": str(out_dir.resolve()), "ref_mode": ref_mode,
                 "action_stats": info["manifest"]["action_stats"], "image_size": info["image_size"],
