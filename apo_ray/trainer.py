@@ -56,16 +56,15 @@ def _inspect_dataset(data_dir: Path) -> dict[str, Any]:
     missing = [c for c in BASE_COLUMNS if c not in schema.names]
     if missing:
         raise UserError(f"shards lack columns {missing}", str(shards[0]), "rebuild the dataset with this version")
+    from apo_ray.schema import column_to_numpy, read_table
+
     rows, instructions, c_counts = 0, set(), np.zeros(3, dtype=np.int64)
     for s in shards:
-        t = pq.read_table(s, columns=["instruction", "c"])
+        t = read_table(s, columns=["instruction", "c"])
         rows += t.num_rows
         for lst in t.column("instruction").to_pylist():
             instructions.update(lst)
-        for lst in t.column("c").to_pylist():
-            c_counts += np.bincount(np.asarray(lst, dtype=np.int64), minlength=3)[:3]
-    from apo_ray.schema import column_to_numpy, read_table
-
+        c_counts += np.bincount(column_to_numpy(t.column("c")).reshape(-1).astype(np.int64), minlength=3)[:3]
     first = read_table(shards[0], columns=["image"]).slice(0, 1)
 
     img = column_to_numpy(first.column("image"))  # (1, B, H, W, 3)
