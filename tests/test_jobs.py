@@ -6,6 +6,7 @@ The head runs as ``ray start --head --block`` in its own process group, and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -59,14 +60,10 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> bool:
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)  # ray start --block tears its daemons down on SIGTERM
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # anything left in our group
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 
