@@ -39,7 +39,7 @@ class TaskSpec:
 
 TASKS: dict[str, TaskSpec] = {
     "lift": TaskSpec(
-        name="lift", env_name="Lift", instruction="lift the red cube", horizon=150,
+        name="lift", env_name="Lift", instruction="lift the red cube", horizon=200,
         object_body="cube_main", object_obs="cube", object_sampler="", object_geoms=("cube_g0_vis",),
     ),
     "can": TaskSpec(
