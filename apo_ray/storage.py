@@ -68,9 +68,7 @@ class RunStorage:
             pafs.copy_files(str(src), self._remote_path(rel), source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=self.fs)
         else:
-            parent = rel.rsplit("/", 1)[0] if "/" in rel else ""
-            if parent:
-                self.fs.create_dir(self._remote_path(parent), recursive=True)
+            self.fs.create_dir(self._remote_path(rel.rsplit("/", 1)[0] if "/" in rel else ""), recursive=True)
             with open(src, "rb") as f, self.fs.open_output_stream(self._remote_path(rel)) as out:
                 out.write(f.read())
 

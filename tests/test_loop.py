@@ -167,3 +167,17 @@ def test_loop_end_to_end_killed_and_resumed(tmp_path: Path) -> None:
     same = _content(run) == _content(ref)
     print(f"\nsmoke loop (rounds=1) wall {wall:.0f} s; killed after {target} stages; "
           f"episode contents {'identical' if same else 'differ (the simulator is not deterministic per seed)'}")
+
+
+def test_run_dir_on_a_uri_resumes_on_a_fresh_node(tmp_path: Path) -> None:
+    """With a URI run dir the config and journal live in the bucket; a new node's empty cache resumes from it."""
+    from apo_ray.journal import Journal, run_stage
+
+    uri = (tmp_path / "bucket" / "run").as_uri()
+    node1 = RunStorage(uri, local_dir=tmp_path / "node1")
+    cfg = prepare_run_dir(config.load(SMOKE), node1, resume=False)
+    run_stage(Journal(node1.local), "r0/demos/collect/nominal", lambda w: {"episodes": 0},
+              on_done=lambda k: (node1.push(k), node1.push("journal.json")))
+    node2 = RunStorage(uri, local_dir=tmp_path / "node2")
+    assert prepare_run_dir(cfg, node2, resume=True) == cfg
+    assert Journal(node2.local).done("r0/demos/collect/nominal")
