@@ -1,6 +1,6 @@
 """`ray job submit --working-dir . -- python jobs/train.py ...`.
 
-One training run, e.g. --config configs/smoke.yaml --data DIR --out DIR; arguments as for `apo-ray train`.
+One training run, e.g. --config configs/smoke.yaml --data DIR --init scratch --out DIR; arguments as for `apo-ray train`.
 """
 
 import sys
