@@ -67,10 +67,10 @@ SCENARIOS: dict[str, ScenarioSpec] = {
         ScenarioSpec(
             "position",
             "the object starts outside the demo region (Lift: cube x 0.08..0.12 instead of +-0.03; Stack: "
-            "cubes shifted +x; Can: only the bin's far-left quarter); Square: the peg is placed at random",
+            "cubes shifted +x; Can: only the bin's near-left quarter); Square: the peg is placed at random",
             object_region={
                 "lift": ((0.08, 0.12), (-0.03, 0.03)),
-                "can": ((0.0, 0.195), (-0.245, 0.0)),
+                "can": ((-0.195, 0.0), (-0.245, 0.0)),
                 "stack": ((0.06, 0.14), (-0.08, 0.08)),
             },
             fixture_region={"square": ((0.13, 0.25), (0.02, 0.18))},
