@@ -63,6 +63,9 @@ class TaskEnv:
         self.image_size = image_size
         self.camera = camera
         self.env_meta = env_meta(self.task, camera=camera, image_size=image_size)
+        # robosuite draws model-build randomness (e.g. Lift's cube size) from the global RNG at construction:
+        # fix it so every process builds the identical model and a seed alone determines the episode
+        np.random.seed(0)
         self._rm_env = EnvUtils.create_env_from_metadata(self.env_meta, render_offscreen=camera,
                                                          use_image_obs=camera)
         self.env_meta["apo_ray"] = {"task": self.task.name, "scenario": self.scenario}
