@@ -62,8 +62,9 @@ class OraclePolicy:
 
 class NoisyOraclePolicy(OraclePolicy):
     """A degraded oracle that really fails: with probability ``p`` per step it starts a lapse, a run of
-    6-15 steps in which it holds one wrong random action (drifting off, opening the gripper), the way a
-    weak policy heads the wrong way for a while. The lapses are what the corrector must catch."""
+    6-15 steps in which it holds one wrong random translation and gripper command (drifting off, opening
+    the gripper), the way a weak policy heads the wrong way for a while. Rotation stays the oracle's: random
+    wrist torques wind the Panda into poses OSC cannot leave, which no corrector could fix in time."""
 
     def __init__(self, task: str, p: float) -> None:
         super().__init__(task)
@@ -87,7 +88,7 @@ class NoisyOraclePolicy(OraclePolicy):
                 wrong[6] = -1.0 if rng.random() < 0.5 else wrong[6]
                 left = int(rng.integers(6, 16))
             if left > 0:
-                out[i] = wrong
+                out[i, :3], out[i, 6] = wrong[:3], wrong[6]
                 left -= 1
             self._lapse[i] = (left, wrong)
         return out
