@@ -30,10 +30,10 @@ apt:
 	@touch $@
 
 test: setup
-	$(PY) -m pytest -x -q -m "not slow" -n 2 --dist loadgroup tests
+	$(PY) -m pytest -x -m "not slow" -n 2 --dist loadgroup tests
 
 test-all: setup
-	$(PY) -m pytest -x -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -x -n 2 --dist loadgroup tests
 
 lint: setup
 	.venv/bin/ruff check apo_ray envs jobs tests
