@@ -37,8 +37,8 @@ def raw_step_rate(task: str, image_size: int, steps: int, horizon: int) -> float
     return rate
 
 
-def bench_rollout(task: str = "lift", image_size: int = 64, episodes_per_worker: int = 4,
-                  horizon: int = 100) -> dict[str, Any]:
+def measure(task: str = "lift", image_size: int = 64, episodes_per_worker: int = 4,
+            horizon: int = 100) -> dict[str, Any]:
     raw = raw_step_rate(task, image_size, episodes_per_worker * horizon, horizon)
     rates = {}
     for workers in (1, 2):
@@ -58,12 +58,5 @@ def bench_rollout(task: str = "lift", image_size: int = 64, episodes_per_worker:
     }
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="lift")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--episodes-per-worker", type=int, default=4)
-    p.add_argument("--horizon", type=int, default=100)
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    return bench_rollout(args.task, args.image_size, args.episodes_per_worker, args.horizon)
+def bench_rollout(args: argparse.Namespace) -> dict[str, Any]:
+    return measure(args.task, args.image_size, args.episodes_per_worker, args.horizon)

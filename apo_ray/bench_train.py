@@ -25,19 +25,8 @@ from typing import Any
 GOALS = {"cached_vs_live_speed": 1.25, "cached_vs_live_memory": 0.7, "ours_vs_paper_speed": 1.5}
 
 
-def _parse(options: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="apo-ray bench train")
-    p.add_argument("--micro-batch", type=int, default=8, help="samples per micro-batch (the paper's 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    p.add_argument("--variants", default="cached,live,paper")
-    opts = [o for o in (options or []) if o != "--"]
-    return p.parse_args(opts)
+TRAIN_OPTIONS = ("micro_batch", "grad_accum", "steps", "warmup", "hidden", "layers", "image_size", "threads",
+                 "variants")
 
 
 def _rss_mb() -> float:
@@ -198,7 +187,7 @@ def _run_variant(variant: str, opts: dict, q) -> None:
 
 
 def bench_train(args: argparse.Namespace) -> dict[str, Any]:
-    opts = vars(_parse(getattr(args, "options", None)))
+    opts = {k: getattr(args, k) for k in TRAIN_OPTIONS}
     variants = [v.strip() for v in opts.pop("variants").split(",") if v.strip()]
     ctx = mp.get_context("spawn")
     res: dict[str, Any] = {}

@@ -1,9 +1,7 @@
 """apo-ray bench {data,rollout,train}: throughput benchmarks printing one JSON line.
 
-Each benchmark lives in ``apo_ray/bench_<name>.py`` and is imported only when run. ``data`` has its flags here
-and runs ``bench_data(args) -> dict``. ``rollout`` and ``train`` get their remaining arguments as
-``args.options``: a module with ``add_arguments(parser)`` + ``run(ns)`` has them parsed by its own parser,
-otherwise ``bench_<name>(args)`` parses them itself.
+Each benchmark lives in ``apo_ray/bench_<name>.py`` and is imported only when run; its flags are declared
+here (so ``--help`` imports nothing heavy) and it runs as ``bench_<name>(args) -> dict``.
 """
 
 from __future__ import annotations
@@ -27,11 +25,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     d.set_defaults(func=run, bench_module="apo_ray.bench_data", bench_fn="bench_data")
 
-    for name, what in (("rollout", "env steps/s of parallel rollout actors"),
-                       ("train", "training samples/s")):
-        s = bsub.add_parser(name, help=what)
-        s.add_argument("options", nargs=argparse.REMAINDER, help="passed to the benchmark")
-        s.set_defaults(func=run, bench_module=f"apo_ray.bench_{name}", bench_fn=f"bench_{name}")
+    r = bsub.add_parser("rollout", help="collection steps/s (1 and 2 actors) vs the raw robosuite step rate")
+    r.add_argument("--task", default="lift")
+    r.add_argument("--image-size", type=int, default=64)
+    r.add_argument("--episodes-per-worker", type=int, default=8)
+    r.add_argument("--horizon", type=int, default=100, help="steps per episode (a random policy never ends early)")
+    r.set_defaults(func=run, bench_module="apo_ray.bench_rollout", bench_fn="bench_rollout")
+
+    t = bsub.add_parser("train", help="APO step: cached vs live reference, and ours vs the paper's step")
+    t.add_argument("--micro-batch", type=int, default=8, help="samples per micro-batch (the paper's 8)")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    t.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--hidden", type=int, default=128)
+    t.add_argument("--layers", type=int, default=4)
+    t.add_argument("--image-size", type=int, default=64)
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    t.add_argument("--variants", default="cached,live,paper")
+    t.set_defaults(func=run, bench_module="apo_ray.bench_train", bench_fn="bench_train")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,11 +54,6 @@ def run(args: argparse.Namespace) -> int:
         if e.name != args.bench_module:
             raise
         raise usage_error(f"benchmark '{args.bench}' is not built yet ({args.bench_module} missing)") from None
-    if args.bench != "data" and hasattr(mod, "add_arguments") and hasattr(mod, "run"):
-        parser = argparse.ArgumentParser(prog=f"apo-ray bench {args.bench}")
-        mod.add_arguments(parser)
-        result = mod.run(parser.parse_args([o for o in args.options if o != "--"]))
-    else:
-        result = getattr(mod, args.bench_fn)(args)
+    result = getattr(mod, args.bench_fn)(args)
     print(json.dumps(result))
     return 0
