@@ -200,6 +200,12 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
                                  if loop_cfg["ref_mode"] == "cached" else [])
     ds = ray.data.read_parquet(info["shards"], columns=cols, num_cpus=0.25)
     use_gpu = bool(t.use_gpu and ray.cluster_resources().get("GPU", 0) >= t.workers)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if t.workers * t.cpus_per_worker + 1 > cpus:
+        # Ray Data's file listing needs a whole free CPU; without it iter_torch_batches waits forever
+        raise UserError(f"{t.workers} train workers x {t.cpus_per_worker} CPU leave no CPU for Ray Data on a "
+                        f"{cpus:g}-CPU cluster", "train.workers / train.cpus_per_worker",
+                        f"keep workers x cpus_per_worker <= {cpus - 1:g}, e.g. train.cpus_per_worker=0.5")
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_cfg,

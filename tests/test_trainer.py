@@ -205,3 +205,12 @@ def test_cli_train_prints_metrics_json(tmp_path, built, capsys):
     m = json.loads(last)
     assert m["step"] == 2 and "margin" in m and (tmp_path / "o" / "checkpoint" / "model.safetensors").is_file()
     assert main(["train", "--data", str(tmp_path / "none"), "--init", "scratch", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.ray
+def test_workers_that_starve_ray_data_are_refused(tmp_path, built):
+    """2 workers x 1 CPU on the 2-CPU local Ray would leave Ray Data no CPU and hang forever."""
+    from apo_ray.trainer import train
+
+    with pytest.raises(UserError, match="leave no CPU for Ray Data"):
+        train(built, "scratch", tmp_path / "o", tiny_cfg(objective="bc", workers=2, cpus_per_worker=1.0))
