@@ -205,7 +205,7 @@ def _dtype_of(typ: pa.DataType) -> tuple[np.dtype, tuple[int, ...]] | None:
 
 def validate_schema(path: Path, image_shape: tuple[int, ...] | None) -> tuple[int, ...]:
     """Check one episode file's columns, dtypes and image shape; return its image shape (H, W, 3)."""
-    import ray.data.extensions  # noqa: F401 - registers Ray's tensor types, else pyarrow sees bare lists
+    S.register_tensor_types()
 
     try:
         sch = pq.read_schema(path)

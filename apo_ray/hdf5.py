@@ -23,7 +23,6 @@ from typing import Any
 import h5py
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from apo_ray import schema as S
 from apo_ray.errors import UserError
@@ -49,10 +48,8 @@ def _episode_files(dirs: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 
 def _read_episode(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    import ray.data.extensions  # noqa: F401 - registers Ray's tensor types, else images read as flat lists
-
     try:
-        table = pq.read_table(path)
+        table = S.read_table(path)
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad input file
         raise UserError(f"unreadable episode file ({type(e).__name__})", f"{path}, column *",
                         "re-collect it or remove it") from None
