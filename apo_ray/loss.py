@@ -78,8 +78,9 @@ class LossParams:
 
     @classmethod
     def from_train_config(cls, t) -> LossParams:
-        names = cls.__dataclass_fields__.keys()
-        return cls(**{n: getattr(t, n) for n in names if hasattr(t, n)})
+        # every field mirrors a TrainConfig key of the same name (loss.py must not import config); a rename on
+        # either side fails here instead of silently falling back to a default
+        return cls(**{n: getattr(t, n) for n in cls.__dataclass_fields__})
 
 
 def _grouped(x: Tensor, group: int) -> Tensor:

@@ -230,3 +230,13 @@ def test_grad_accumulation_8xk_equals_per_micro_batch(norm, k):
         s.group = n
         naive, _ = apo_loss(s, p)
         assert not torch.allclose(torch.autograd.grad(naive, theta)[0], g_big)
+
+
+def test_loss_params_mirror_train_config():
+    """Every LossParams field is read from the TrainConfig key of the same name (no silent defaults)."""
+    from apo_ray.config import TrainConfig
+    from apo_ray.loss import LossParams
+
+    p = LossParams.from_train_config(TrainConfig(beta=0.3, lambda_norm="subset_mean", bc_weight=0.5))
+    assert (p.beta, p.lambda_norm, p.bc_weight) == (0.3, "subset_mean", 0.5)
+    assert set(LossParams.__dataclass_fields__) <= set(TrainConfig.__dataclass_fields__)
