@@ -87,7 +87,8 @@ class ModelConfig:
     num_layers: int = 4
     num_heads: int = 4
     vision: str = "resnet"
-    """Tiny kind's vision model: ``resnet`` (conv, like the probe that learned Lift) or ``vit``."""
+    """Tiny kind's vision model: ``resnet``, ``convnext`` (transformers models), ``conv`` (a plain stride-2 conv
+    stem like the probe that learned Lift) or ``vit``."""
     vision_hidden_size: int = 64
     vision_layers: int = 2
     patch_size: int = 16

@@ -69,6 +69,7 @@ SAMPLE_COLUMNS = (S.IMAGE, S.PROPRIO, S.INSTRUCTION, S.ACTION, ACTION_NORM, ACTI
 LIGHT_COLUMNS = (S.EPISODE_ID, S.T, S.ACTION, S.C, S.INTERVENTION_ID)
 HEAVY_COLUMNS = (S.EPISODE_ID, S.T, S.IMAGE, S.PROPRIO, S.INSTRUCTION, S.ACTION, S.ORACLE_ACTION)
 REQUIRED_COLUMNS = tuple(dict.fromkeys(LIGHT_COLUMNS + HEAVY_COLUMNS))
+KNOWN_COLUMNS = frozenset([*S.SCALAR_TYPES, *S.TENSOR_COLUMNS, S.STATE])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -212,6 +213,12 @@ def validate_schema(path: Path, image_shape: tuple[int, ...] | None) -> tuple[in
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad input file
         raise UserError(f"unreadable episode file ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
                         f"{path}, column *", "re-collect it or remove it from the input dir") from None
+    if pq.read_metadata(path).num_rows == 0:
+        raise UserError("episode file holds no steps", f"{path}, rows", "re-collect it or remove it from the input dir")
+    extra = [n for n in sch.names if n not in KNOWN_COLUMNS]
+    if extra:
+        raise UserError(f"unexpected column '{extra[0]}' (schema v{S.SCHEMA_VERSION} does not have it)",
+                        f"{path}, column {extra[0]}", "write episodes with apo_ray.schema.episode_table")
     for name in REQUIRED_COLUMNS:
         if name not in sch.names:
             raise UserError(f"missing column '{name}'", f"{path}, column {name}",
@@ -264,6 +271,11 @@ def _label_block(batch: dict[str, np.ndarray], cfg: DataConfig, expert_paths: fr
         if bad.any():
             raise UserError(f"c = {int(c_in[bad][0])} in an episode file; collected steps are 1 (policy) or "
                             "2 (corrector)", f"{path}, column c", "re-collect the episode")
+        act = np.asarray(batch[S.ACTION])[rows]
+        if not np.isfinite(act).all():
+            i = int(np.flatnonzero(~np.isfinite(act).all(axis=1))[0])
+            raise UserError(f"non-finite action {np.round(act[i], 3).tolist()} at t={int(np.asarray(batch[S.T])[rows][i])}",
+                            f"{path}, column action", "re-collect the episode; NaN/inf actions are never trained on")
         if len(np.unique(batch[S.T][rows])) != len(rows):
             raise UserError("repeated t within one episode", f"{path}, column t", "store one row per step")
         out, _ = label_episode({n: np.asarray(batch[n])[rows] for n in LIGHT_COLUMNS}, cfg, path in expert_paths)

@@ -7,6 +7,7 @@ and a SIGKILL mid-write leaves only a ``.tmp-*`` file that later runs ignore and
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +20,42 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TMP_PREFIX = ".tmp-"
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout (or install prefix) holding apo_ray/ and envs/: outputs never go inside its code dirs."""
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+DISK_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+def refuse_source_tree(path: str | os.PathLike[str], where: str) -> None:
+    """Outputs inside the package/env sources would be imported, linted and shipped with them: refuse."""
+    from apo_ray.errors import UserError
+
+    p = Path(path).resolve()
+    for src in (SOURCE_ROOT / "apo_ray", SOURCE_ROOT / "envs", SOURCE_ROOT / "jobs", SOURCE_ROOT / "tests"):
+        if p == src or src in p.parents:
+            raise UserError(f"output dir is inside the source tree ({src.name}/)", where,
+                            "write outputs elsewhere, e.g. runs/<name>")
+
+
+def disk_error(exc: BaseException) -> str | None:
+    """If ``exc`` (or anything it wraps, Ray task errors included) is a full, read-only or unwritable disk,
+    a short description of it; else None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            where = f" writing {e.filename}" if e.filename else ""
+            return f"{os.strerror(e.errno)}{where}"
+        text = str(e)
+        for msg in DISK_MESSAGES:
+            if msg in text:
+                return msg
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
 
 
 @contextlib.contextmanager

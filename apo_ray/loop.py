@@ -300,9 +300,10 @@ class Loop:
             self.log(f"[{st.key}] started")
         t0 = time.monotonic()
         # collection and evaluation keep the episodes finished before a kill (each episode file is atomic and
-        # seeded by its coordinates); dataset and training restart clean (the trainer restores checkpoints
-        # only within one fit(), and a rerun would append a second copy of its TensorBoard curves)
-        result = run_stage(journal, st.key, lambda work: body(st, work), resumable=st.kind in ("collect", "eval"),
+        # seeded by its coordinates); training continues from its last Ray Train checkpoint in the work dir
+        # (same config, init and dataset, or it starts over); a dataset build restarts clean
+        result = run_stage(journal, st.key, lambda work: body(st, work),
+                           resumable=st.kind in ("collect", "eval", "train"),
                            on_done=self._push)
         self.log(f"[{st.key}] done in {time.monotonic() - t0:.1f} s: {_summary_line(st, result)}")
         return result
@@ -315,6 +316,7 @@ class Loop:
     def write_report(self) -> Path:
         from apo_ray.report import write_report
 
+        set_progress(self.run_dir, "report", kind="report")
         path = write_report(self.run_dir)
         if self.storage.remote:
             self.storage.push("report")
@@ -345,8 +347,8 @@ class Loop:
                     self.write_report()
                     rnd = st.round
                 self.run_stage(journal, st)
-        set_progress(self.run_dir, None, finished=True)
         report = self.write_report()
+        set_progress(self.run_dir, None, finished=True)
         evals = {s.key: journal.result(s.key) for s in stages if s.kind == "eval"}
         return {"run_dir": str(self.run_dir), "storage": self.storage.location, "stages": len(stages),
                 "ran": len(stages) - done_before, "seconds": round(time.monotonic() - t0, 1),
@@ -417,14 +419,8 @@ def run_loop(cfg: Config, run_dir: str | os.PathLike[str] | None = None, *, resu
     check_config(cfg)
     location = str(run_dir) if run_dir else cfg.loop.storage
     storage = RunStorage(location)
-    _refuse_source_tree(storage.local)
+    fsio.refuse_source_tree(storage.local, "--run-dir")
     with run_lock(storage.local):
         cfg = prepare_run_dir(cfg, storage, resume)
         return Loop(cfg, storage, address=address, progress=progress, log=log).run()
 
-
-def _refuse_source_tree(path: Path) -> None:
-    src = Path(__file__).resolve().parent
-    p = path.resolve()
-    if p == src or src in p.parents:
-        raise UserError("the run dir is inside the package source tree", str(p), "use e.g. runs/<name>")

@@ -33,6 +33,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers import (  # noqa: E402
+    ConvNextConfig,
+    ConvNextModel,
     LlamaConfig,
     LlamaForCausalLM,
     PretrainedConfig,
@@ -102,6 +104,21 @@ def _wrap_fast(tok):
 
 
 # -------------------------------------------------------------------------------------------------- model
+class ConvStem(nn.Module):
+    """Plain stride-2 3x3 convs with GroupNorm: one halving per layer, no pooling, batch-independent."""
+
+    def __init__(self, widths: list[int]) -> None:
+        super().__init__()
+        layers, c = [], 3
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GroupNorm(min(8, w), w), nn.GELU()]
+            c = w
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class TinyVLAConfig(PretrainedConfig):
     model_type = "apo_tiny_vla"
 
@@ -132,6 +149,12 @@ class TinyVLA(PreTrainedModel):
         if config.vision_kind == "resnet":
             self.vision = ResNetModel(ResNetConfig(**config.vision_config))
             vdim = config.vision_config["hidden_sizes"][-1]
+        elif config.vision_kind == "convnext":
+            self.vision = ConvNextModel(ConvNextConfig(**config.vision_config))
+            vdim = config.vision_config["hidden_sizes"][-1]
+        elif config.vision_kind == "conv":
+            self.vision = ConvStem(**config.vision_config)
+            vdim = config.vision_config["widths"][-1]
         elif config.vision_kind == "vit":
             self.vision = ViTModel(ViTConfig(**config.vision_config), add_pooling_layer=False)
             vdim = config.vision_config["hidden_size"]
@@ -155,8 +178,10 @@ class TinyVLA(PreTrainedModel):
 
     def encode_images(self, pixel_values: torch.Tensor, proprio: torch.Tensor | None = None) -> torch.Tensor:
         """(B,3,H,W) in [-1,1] (+ (B,9) proprio) → (B, T, hidden) prefix embeddings."""
-        if self.config.vision_kind == "resnet":
+        if self.config.vision_kind in ("resnet", "convnext"):
             feats = self.vision(pixel_values).last_hidden_state.flatten(2).transpose(1, 2)
+        elif self.config.vision_kind == "conv":
+            feats = self.vision(pixel_values).flatten(2).transpose(1, 2)
         else:
             feats = self.vision(pixel_values).last_hidden_state[:, 1:]
         x = self.projector(feats)
@@ -201,6 +226,17 @@ def tiny_config(mc: ModelConfig, image_size: int = 64) -> TinyVLAConfig:
         vision = dict(num_channels=3, embedding_size=widths[0], hidden_sizes=widths,
                       depths=[max(1, mc.vision_layers // 2)] * n_stages, layer_type="basic",
                       downsample_in_first_stage=False, hidden_act="relu")
+    elif mc.vision == "convnext":
+        # patchify stem /4, then one stride-2 stage per further halving; LayerNorm keeps samples independent
+        n_stages = 1 + int(round(math.log2(mc.patch_size / 4)))
+        v = mc.vision_hidden_size
+        widths = [max(8, v >> (n_stages - 1 - i)) for i in range(n_stages)]
+        vision = dict(num_channels=3, patch_size=4, num_stages=n_stages, hidden_sizes=widths,
+                      depths=[max(1, mc.vision_layers // 2)] * n_stages, hidden_act="gelu", drop_path_rate=0.0)
+    elif mc.vision == "conv":
+        n = int(round(math.log2(mc.patch_size)))
+        v = mc.vision_hidden_size
+        vision = dict(widths=[max(8, v >> (n - 1 - i)) for i in range(n)])
     else:
         vision = dict(image_size=image_size, patch_size=mc.patch_size, num_channels=3,
                       hidden_size=mc.vision_hidden_size, num_hidden_layers=mc.vision_layers,
@@ -532,6 +568,20 @@ def save_checkpoint(model: nn.Module, proc: Processor, out_dir: str | Path, stat
     return out
 
 
+def check_checkpoint(ckpt_dir: str | Path) -> None:
+    """Raise UserError if ``ckpt_dir`` would not load. A tiny checkpoint is loaded once (about a second); an hf
+    one is only checked for its metadata and adapter, since loading a 7B base on the driver costs minutes."""
+    d = Path(ckpt_dir)
+    meta_path = (d / "checkpoint" / META_FILE) if (d / "checkpoint" / META_FILE).is_file() else d / META_FILE
+    try:
+        kind = json.loads(meta_path.read_text()).get("kind") if meta_path.is_file() else None
+    except json.JSONDecodeError as e:
+        raise UserError(f"corrupt {META_FILE}: {e}", str(meta_path), "retrain or restore the checkpoint") from None
+    if kind == "hf":
+        return
+    load_policy(d)
+
+
 def load_policy(ckpt_dir: str | Path, trainable: bool = False):
     """Load a checkpoint dir → (model, processor, action_stats). Missing/corrupt dirs raise UserError."""
     d = Path(ckpt_dir)
@@ -549,8 +599,39 @@ def load_policy(ckpt_dir: str | Path, trainable: bool = False):
         if meta.kind == "tiny":
             from tokenizers import Tokenizer
 
-            model = TinyVLA.from_pretrained(d)
+            from transformers.utils import logging as hf_logging
+
+            level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+            hf_logging.set_verbosity_error()  # its load report and progress bar would reach stderr
+            hf_logging.disable_progress_bar()
+            try:
+                model, info = TinyVLA.from_pretrained(d, output_loading_info=True)
+            except RuntimeError as e:
+                if "ignore_mismatched_sizes" not in str(e):
+                    raise
+                raise UserError("weights do not fit the model config (tensor shapes differ)",
+                                str(d / "model.safetensors"),
+                                "the weights come from another model config; restore the checkpoint or retrain") from None
+            finally:
+                hf_logging.set_verbosity(level)
+                if bars:
+                    hf_logging.enable_progress_bar()
+            # transformers re-initialises missing or mismatched weights with only a warning: never serve those
+            bad = [(k, info.get(k) or []) for k in ("mismatched_keys", "missing_keys", "unexpected_keys")]
+            bad = [(k, v) for k, v in bad if v]
+            if bad:
+                first = bad[0][1][0]
+                name = first[0] if isinstance(first, tuple | list) else first
+                raise UserError(f"weights do not fit the model config: {len(bad[0][1])} {bad[0][0].replace('_', ' ')}"
+                                f", e.g. {name}", str(d / "model.safetensors"),
+                                "the weights come from another model config; restore the checkpoint or retrain")
             tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+            vocab = model.config.text_config["vocab_size"]
+            if tok.get_vocab_size() != vocab or tok.token_to_id("<act_0>") != meta.action_offset:
+                raise UserError(f"tokenizer does not match the model: {tok.get_vocab_size()} ids, <act_0> at "
+                                f"{tok.token_to_id('<act_0>')}; the model has {vocab} ids, actions at "
+                                f"{meta.action_offset}", str(d / "tokenizer.json"),
+                                "restore the checkpoint's own tokenizer.json or retrain")
         else:
             mc = ModelConfig(**{**(meta.model or {}), "kind": "hf", "path": meta.base_path, "lora_r": 0})
             model, proc = load_hf(mc, meta.action_stats, meta.image_size)

@@ -107,7 +107,8 @@ def _noise_level(spec: str) -> float:
 
 
 def check_policy_spec(spec: str) -> None:
-    """Validate a spec on the driver before any actor starts (cheap: loads nothing)."""
+    """Validate a spec on the driver before any actor starts, so a bad one fails here with one line instead
+    of inside an actor (a checkpoint dir is checked with ``model.check_checkpoint``)."""
     s = spec.strip()
     if s in ("oracle", "random"):
         return
@@ -116,6 +117,9 @@ def check_policy_spec(spec: str) -> None:
         return
     if not Path(s).is_dir():
         raise UserError(f"unknown policy '{spec}'", "--policy", f"use one of: {POLICY_SPECS}")
+    from apo_ray.model import check_checkpoint
+
+    check_checkpoint(s)
 
 
 def make_policy(spec: str, task: str) -> Policy:

@@ -12,6 +12,7 @@ without checkpointing it; the driver then raises one clear error naming the last
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -52,6 +53,7 @@ def _inspect_dataset(data_dir: Path) -> dict[str, Any]:
     shards = sorted((data_dir / "shards").glob("part-*.parquet"))
     if not shards:
         raise UserError("the dataset has no shards", str(data_dir / "shards"), "rebuild it with apo-ray dataset")
+    _verify_shards(data_dir, manifest, shards)
     schema = pq.read_schema(shards[0])
     missing = [c for c in BASE_COLUMNS if c not in schema.names]
     if missing:
@@ -73,6 +75,23 @@ def _inspect_dataset(data_dir: Path) -> dict[str, Any]:
             "instructions": sorted(instructions), "c_counts": c_counts.tolist(),
             "has_ref": all(c in schema.names for c in REF_COLUMNS),
             "has_ref_oracle": "ref_logp_oracle" in schema.names}
+
+
+def _verify_shards(data_dir: Path, manifest: dict, shards: list[Path]) -> None:
+    """The shards on disk must be exactly the manifest's, byte for byte (sha256): a truncated, swapped or
+    stray shard would silently change what is trained on."""
+    listed = {e["name"]: e for e in manifest.get("shards") or []}
+    fix = "rebuild the dataset with apo-ray dataset (or restore it from storage)"
+    for s in shards:
+        rel = s.relative_to(data_dir).as_posix()
+        if rel not in listed:
+            raise UserError("shard not listed in manifest.json", str(s), fix)
+    for rel, e in listed.items():
+        p = data_dir / rel
+        if not p.is_file():
+            raise UserError("shard listed in manifest.json is missing", str(p), fix)
+        if e.get("sha256") and fsio.sha256_file(p) != e["sha256"]:
+            raise UserError("shard checksum does not match manifest.json (truncated or modified)", str(p), fix)
 
 
 def _reference_mode(cfg: Config, info: dict, init: str) -> str:
@@ -127,6 +146,24 @@ def _check_vocab(info: dict, init: str, cfg: Config) -> None:
                         "manifest.json config.vocab_size", f"rebuild the dataset with --vocab-size {have}")
 
 
+ARCH_FIELDS = ("kind", "hidden_size", "num_layers", "num_heads", "vision", "vision_hidden_size", "vision_layers",
+               "patch_size", "use_proprio")
+
+
+def _check_model_config(init: str, cfg: Config) -> None:
+    """--init fixes the architecture: a config asking for another one is a mistake, not something to ignore."""
+    from apo_ray import model as M
+
+    p = Path(init)
+    meta = json.loads(((p / M.META_FILE) if (p / M.META_FILE).is_file() else p / "checkpoint" / M.META_FILE).read_text())
+    built = meta.get("model") or {}
+    want = dataclasses.asdict(cfg.model)
+    for k in ARCH_FIELDS if built.get("kind", "tiny") == "tiny" else ("kind",):
+        if k in built and built[k] != want[k]:
+            raise UserError(f"--init checkpoint was built with model.{k}={built[k]}, the config asks for {want[k]}",
+                            str(p), f"drop model.{k} from the config (or set it to {built[k]}), or train from scratch")
+
+
 def _same_ckpt(a: str, b: str) -> bool:
     def norm(p: str) -> Path:
         q = Path(p).resolve()
@@ -154,6 +191,7 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
             raise UserError(f"--init checkpoint missing or incomplete ({META_FILE} not found)", str(p),
                             "pass a checkpoint dir written by apo-ray train, or scratch")
         init = str(p.resolve())
+        _check_model_config(init, cfg)
     _check_vocab(info, init, cfg)
     ref_mode = _reference_mode(cfg, info, init)
     world = t.workers
@@ -332,13 +370,15 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
             engine.load_checkpoint(d, tag="ds")
             st = json.loads((Path(d) / "state.json").read_text())
         step, epoch0, skip = st["step"], st["epoch"], st["step_in_epoch"]
+    resumed_from = step
 
     out_dir = Path(lc["out_dir"])
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out_dir / "tb"))
+        # purge_step drops a killed attempt's events past the resumed step, so curves never double up
+        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1 if step else None)
     mlflow = None
     if rank == 0 and t.mlflow_uri:
         import mlflow  # noqa: PLC0415 - optional dependency, only when configured
@@ -355,7 +395,7 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
     kl_reduce = allreduce_mean if (t.kl_allreduce and world > 1) else None
     shard = ray.train.get_dataset_shard("train")
     acc_keys = ("acc_c0", "acc_c1", "acc_c2", "acc_expert")
-    totals = {"samples": 0, "time": 0.0, "clamp_steps": 0, "ref_steps": 0}
+    totals = {"samples": 0, "time": 0.0, "clamp_steps": 0, "ref_steps": 0, "resumed_from_step": resumed_from}
     last: dict[str, float] = {}
 
     def save(metrics: dict, epoch: int, step_in_epoch: int) -> None:
@@ -473,4 +513,5 @@ def _summary(last: dict, totals: dict) -> dict:
     out = {k: v for k, v in last.items() if isinstance(v, float | int) and math.isfinite(v)}
     out["samples_per_s_mean"] = totals["samples"] / totals["time"] if totals["time"] else 0.0
     out["samples_seen"] = totals["samples"]
+    out["resumed_from_step"] = totals["resumed_from_step"]
     return out

@@ -90,6 +90,24 @@ def test_scoring_is_batch_independent_in_train_mode(tiny):
     model.eval()
 
 
+@pytest.mark.parametrize("vision", ["resnet", "convnext", "conv", "vit"])
+def test_every_vision_kind_gives_16_batch_independent_image_tokens(vision, tmp_path):
+    model, proc = M.build_model(dataclasses.replace(MC, vision=vision), STATS, 64, ["lift the cube"], seed=0)
+    model.train()
+    _, _, inp, toks = _batch(proc)
+    assert model.encode_images(inp.pixel_values).shape == (4, 16, MC.hidden_size)
+    one = M.score_actions(model, inp, [toks], proc.meta)[0].logp
+    half = M.score_actions(model, M.VLAInputs(inp.pixel_values[:2], inp.input_ids[:2], inp.attention_mask[:2]),
+                           [toks[:2]], proc.meta)[0].logp
+    torch.testing.assert_close(half, one[:2], atol=1e-5, rtol=0)
+    (-one.sum()).backward()
+    stem = next(model.vision.parameters())  # the first conv / patch embedding learns from the action loss
+    assert stem.grad is not None and stem.grad.abs().sum() > 0
+    m2, p2, _ = M.load_policy(M.save_checkpoint(model.eval(), proc, tmp_path / "ck"))
+    torch.testing.assert_close(M.score_actions(m2, inp, [toks], p2.meta)[0].logp,
+                               M.score_actions(model, inp, [toks], proc.meta)[0].logp, atol=0, rtol=0)
+
+
 def test_gradient_flows_only_from_scored_tokens(tiny):
     model, proc = tiny
     _, _, inp, toks = _batch(proc)

@@ -214,3 +214,37 @@ def test_workers_that_starve_ray_data_are_refused(tmp_path, built):
 
     with pytest.raises(UserError, match="leave no CPU for Ray Data"):
         train(built, "scratch", tmp_path / "o", tiny_cfg(objective="bc", workers=2, cpus_per_worker=1.0))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_driver_sigkill_resumes_from_last_checkpoint(tmp_path, built):
+    """SIGKILL the whole `apo-ray train` process group (driver, embedded Ray, workers) after its first checkpoint;
+    the same command again continues from that checkpoint's step and ends at the configured step count."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "apo_ray", "train", "--data", str(built), "--init", "scratch", "--objective", "bc",
+           "--out", str(out), "--epochs", "30", "train.checkpoint_every=2", "train.torch_threads=1",
+           "train.cpus_per_worker=1", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+           "model.vision_hidden_size=16"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not list((out / "ray").rglob("state.json")):
+        time.sleep(0.2)
+    alive = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert alive, "training ended before the kill; nothing was tested"
+    assert not (out / "metrics.json").exists()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = json.loads((built / "manifest.json").read_text())["counts"]["batches"]
+    assert m["step"] == rows * 30 and m["final"]
+    assert m["resumed_from_step"] >= 2 and m["resumed_from_step"] % 2 == 0
+    assert m["samples_seen"] == (m["step"] - m["resumed_from_step"]) * B

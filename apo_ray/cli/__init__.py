@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)``; heavy imports (torch, ray,
 robosuite) happen inside the command, so ``apo-ray --help`` stays fast. Errors from bad input print one
-line and exit 2; unexpected errors print one line, keep the traceback in a log file, and exit 1.
+line and exit 2; a full or unwritable output disk prints one line and exits 3; unexpected errors print one line, keep the traceback in a log file, and exit 1.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import traceback
+from pathlib import Path
 
 from apo_ray.errors import UserError
 
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Ray Data logs to its session file only: a failure ends in our one line, not in its console tracebacks
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).resolve().parents[1] / "ray_data_logging.yaml"))
     try:
         rc = args.func(args)
         return int(rc or 0)
@@ -50,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - last resort: one line, full traceback kept in a file
+        from apo_ray.fsio import disk_error
+
+        disk = disk_error(e)
+        if disk:  # finished work is intact (atomic writes, journal): the same command resumes
+            print(UserError(f"the output filesystem failed: {disk}", "output dir",
+                            "free space or fix permissions there, then rerun the same command "
+                            "(add --resume for collect/eval)").line(), file=sys.stderr)
+            return 3
         if os.environ.get("APO_RAY_DEBUG"):
             raise
         fd, path = tempfile.mkstemp(prefix="apo-ray-crash-", suffix=".log")

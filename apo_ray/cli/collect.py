@@ -31,9 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from apo_ray import config as C
+    from apo_ray import fsio
     from apo_ray.cli import usage_error
     from apo_ray.rollout import collect
 
+    fsio.refuse_source_tree(args.out, "--out")
     if not 64 <= args.image_size <= 224:
         raise usage_error(f"--image-size {args.image_size} out of range", "use 64..224")
     if args.no_corrector and args.config:

@@ -48,9 +48,11 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from apo_ray import config as C
+    from apo_ray import fsio
     from apo_ray.cli import usage_error
     from apo_ray.data import build_dataset
 
+    fsio.refuse_source_tree(args.out, "--out")
     if not args.episodes and not args.demos:
         raise usage_error("no inputs", "pass --episodes DIR and/or --demos DIR")
     cfg = C.load(args.config) if args.config else C.Config()

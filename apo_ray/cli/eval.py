@@ -26,8 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from apo_ray import fsio
     from apo_ray.evaluate import evaluate
 
+    fsio.refuse_source_tree(args.out, "--out")
     result = evaluate(args.policy, args.task, args.scenario, args.episodes, args.workers, args.seed, args.out,
                       videos=args.videos, image_size=args.image_size, horizon=args.horizon,
                       address=args.address, resume=args.resume)

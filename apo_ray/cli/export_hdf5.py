@@ -17,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from apo_ray import fsio
     from apo_ray.hdf5 import export_hdf5
 
+    fsio.refuse_source_tree(args.out, "--out")
     print(json.dumps(export_hdf5(args.episodes, args.out)))
     return 0

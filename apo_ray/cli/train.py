@@ -25,16 +25,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from apo_ray import config as C
+    from apo_ray import fsio
     from apo_ray.cli import usage_error
     from apo_ray.trainer import train
 
     flags = {"objective": args.objective, "workers": args.workers, "zero_stage": args.zero, "epochs": args.epochs}
+    given = {o.split("=", 1)[0].strip(): o.split("=", 1)[1].strip() for o in args.overrides if "=" in o}
+    for k, v in flags.items():
+        if v is not None and f"train.{k}" in given and given[f"train.{k}"] != str(v):
+            flag = "--zero" if k == "zero_stage" else f"--{k}"
+            raise usage_error(f"{flag} {v} conflicts with the override train.{k}={given[f'train.{k}']}",
+                              "give the value once, either as the flag or as the override")
     overrides = list(args.overrides) + [f"train.{k}={v}" for k, v in flags.items() if v is not None]
     cfg = C.load(args.config, overrides)
     if cfg.train.workers < 1:
         raise usage_error("--workers must be at least 1")
     if cfg.train.epochs < 1 and not cfg.train.max_steps:
         raise usage_error("--epochs must be at least 1 (or set train.max_steps)")
+    fsio.refuse_source_tree(args.out, "--out")
     metrics = train(args.data, args.init, args.out, cfg, address=args.address)
     print(json.dumps(metrics))
     return 0
