@@ -4,6 +4,9 @@ Both sides use the same task, image size and cheap-render settings. The raw side
 directly in this process with uniform random actions (camera observations on). The collection side is the
 real ``collect`` path: Ray actors, policy + oracle per step, labels, atomic Parquet writes; a random policy
 with no corrector keeps every episode at the same length so 1- and 2-worker runs do equal work per episode.
+
+The VLA side deploys the default tiny VLA (untrained, so every episode runs to the horizon): greedy decoding
+of its 7 action tokens (KV cache, 1 thread) per step, against the same raw env step time.
 """
 
 from __future__ import annotations
@@ -37,6 +40,22 @@ def raw_step_rate(task: str, image_size: int, steps: int, horizon: int) -> float
     return rate
 
 
+def vla_rates(task: str, image_size: int, episodes: int, horizon: int) -> dict[str, float]:
+    """ms per action of the default tiny VLA (batch 1, 1 thread) and 1-actor collection steps/s with it."""
+    from apo_ray import model as M
+    from apo_ray.config import ModelConfig
+    from apo_ray.vla_policy import VLAPolicy, ms_per_action
+
+    stats = {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}
+    with tempfile.TemporaryDirectory(prefix="apo-bench-vla-") as d:
+        model, proc = M.build_model(ModelConfig(), stats, image_size, ["lift the red cube"], seed=0)
+        ckpt = M.save_checkpoint(model, proc, f"{d}/ckpt")
+        ms = ms_per_action(VLAPolicy(ckpt, threads=1), batch=1, repeats=50)
+        s = collect(task, "nominal", str(ckpt), episodes, 1, 0, f"{d}/out", corrector=None, image_size=image_size,
+                    horizon=horizon, progress=False, label="bench vla")
+    return {"ms_per_action": round(ms, 2), "steps_per_s": s["env_steps_per_s"]}
+
+
 def measure(task: str = "lift", image_size: int = 64, episodes_per_worker: int = 4,
             horizon: int = 100) -> dict[str, Any]:
     raw = raw_step_rate(task, image_size, episodes_per_worker * horizon, horizon)
@@ -47,6 +66,8 @@ def measure(task: str = "lift", image_size: int = 64, episodes_per_worker: int =
                         corrector=None, image_size=image_size, horizon=horizon, progress=False,
                         label=f"bench {workers}w")
             rates[workers] = s["env_steps_per_s"]
+    vla = vla_rates(task, image_size, episodes_per_worker, horizon)
+    env_ms = 1000.0 / raw
     return {
         "task": task, "image_size": image_size, "horizon": horizon,
         "raw_steps_per_s": round(raw, 2),
@@ -54,6 +75,11 @@ def measure(task: str = "lift", image_size: int = 64, episodes_per_worker: int =
         "collect_2w_steps_per_s": rates[2],
         "ratio_1w_vs_raw": round(rates[1] / raw, 3),
         "ratio_2w_vs_1w": round(rates[2] / rates[1], 3),
+        "vla_ms_per_action": vla["ms_per_action"],
+        "env_ms_per_step": round(env_ms, 2),
+        "vla_decode_share_of_step": round(vla["ms_per_action"] / (vla["ms_per_action"] + env_ms), 3),
+        "collect_1w_vla_steps_per_s": vla["steps_per_s"],
+        "ratio_1w_vla_vs_raw": round(vla["steps_per_s"] / raw, 3),
         "goals": {"ratio_1w_vs_raw": 0.85, "ratio_2w_vs_1w": 1.8},
     }
 

@@ -106,8 +106,8 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""
-    micro_batch: int = 8
     grad_accum: int = 1
+    """Micro-batches per optimizer step. A micro-batch is one dataset row, so its size is ``data.batch_size``."""
     workers: int = 1
     zero_stage: int = 0
     warmup_steps: int = 10

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     d.set_defaults(func=run, bench_module="apo_ray.bench_data", bench_fn="bench_data")
 
-    r = bsub.add_parser("rollout", help="collection steps/s (1 and 2 actors) vs the raw robosuite step rate")
+    r = bsub.add_parser("rollout", help="collection steps/s (1 and 2 actors; 1 actor with the tiny VLA) vs the raw robosuite step rate")
     r.add_argument("--task", default="lift")
     r.add_argument("--image-size", type=int, default=64)
     r.add_argument("--episodes-per-worker", type=int, default=8)
