@@ -18,6 +18,7 @@ final run equals the reference.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -28,9 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from apo_ray.journal import JOURNAL, PROGRESS, STAGE_FILE, WORK, Journal
+from apo_ray.schema import column_to_numpy, read_table
 
 KINDS = ("collect", "dataset", "train", "eval", "report")
 
@@ -69,8 +72,11 @@ def content(run_dir: Path) -> dict[str, Any]:
     for f in sorted(run_dir.rglob("episodes/*.parquet")):
         if WORK in f.relative_to(run_dir).parts:
             continue
-        t = pq.read_table(f, columns=["action", "c"])
-        out[str(f.relative_to(run_dir))] = (t.column("action").to_pylist(), t.column("c").to_pylist())
+        t = read_table(f, columns=["action", "c"])
+        h = hashlib.sha256()
+        for name in ("action", "c"):
+            h.update(np.ascontiguousarray(column_to_numpy(t.column(name))).tobytes())
+        out[str(f.relative_to(run_dir))] = h.hexdigest()
     for key in j["order"]:
         if key.endswith("/dataset"):
             m = json.loads((run_dir / key / "manifest.json").read_text())
@@ -118,6 +124,11 @@ def _kind(key: str) -> str:
     return key.split("/")[2] if key.count("/") >= 2 else key
 
 
+def _last_line(err_path: Path, proc: subprocess.Popen) -> str:
+    lines = err_path.read_text().strip().splitlines()
+    return lines[-1] if lines else f"exit {proc.returncode}"
+
+
 def _target(want: str, ref_order: list[str], run_dir: Path) -> str:
     """``want`` if a stage of that kind is still ahead, else the next kind still ahead (report always is)."""
     done = set(json.loads((run_dir / JOURNAL).read_text())["order"]) if (run_dir / JOURNAL).exists() else set()
@@ -139,9 +150,10 @@ def run_chaos(config: str, root: Path, kills: int, seed: int, overrides: list[st
     ref, run = root / "ref", root / "chaos"
     if not _progress(ref).get("finished"):
         log(f"reference run -> {ref}")
-        r = subprocess.run(_loop_cmd(config, ref, overrides), capture_output=True, text=True)
+        r = subprocess.run(_loop_cmd(config, ref, overrides), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
         if r.returncode != 0:
-            raise SystemExit(f"error: the reference run failed: {r.stderr.strip().splitlines()[-1:]}")
+            raise SystemExit(f"error: the reference run failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     secs = _stage_seconds(ref)
     ref_order = json.loads((ref / JOURNAL).read_text())["order"]
     tried = survived = 0
@@ -149,12 +161,14 @@ def run_chaos(config: str, root: Path, kills: int, seed: int, overrides: list[st
     kill_log: list[dict[str, Any]] = []
     while True:
         starts += 1
-        proc = subprocess.Popen(_loop_cmd(config, run, overrides), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        err_path = root / f"start-{starts:02d}.stderr"  # a file, not a pipe: a full pipe would stall the loop
+        with open(err_path, "w") as err_file:
+            proc = subprocess.Popen(_loop_cmd(config, run, overrides), stdout=subprocess.DEVNULL, stderr=err_file,
+                                    start_new_session=True)
+
         if tried >= kills:
-            _, err = proc.communicate()
-            if proc.returncode != 0:
-                raise SystemExit(f"error: the final resume failed: {err.strip().splitlines()[-1:]}")
+            if proc.wait() != 0:
+                raise SystemExit(f"error: the final resume failed: {_last_line(err_path, proc)} ({err_path})")
             break
         kind = _target(KINDS[tried % len(KINDS)], ref_order, run)
         while proc.poll() is None and _in_flight(run, proc.pid)[0] != kind:
@@ -162,9 +176,8 @@ def run_chaos(config: str, root: Path, kills: int, seed: int, overrides: list[st
         if proc.poll() is None:  # a random point inside that stage, scaled by how long it took in the reference
             time.sleep(rng.uniform(0.0, 0.9) * secs.get(_in_flight(run, proc.pid)[1] or kind, 5.0))
         if proc.poll() is not None:  # finished (or failed) before the kill point
-            err = proc.stderr.read() if proc.stderr else ""
             if proc.returncode != 0:
-                raise SystemExit(f"error: a resumed run failed after {tried} kills: {err.strip().splitlines()[-1:]}")
+                raise SystemExit(f"error: a resumed run failed after {tried} kills: {_last_line(err_path, proc)} ({err_path})")
             if tried == 0:
                 raise SystemExit("error: the run finished before the first kill; nothing was tested")
             log(f"run finished before kill {tried + 1} (no {kind} stage left); stopping at {tried} kills")

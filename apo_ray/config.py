@@ -48,6 +48,8 @@ class CorrectorConfig:
     min_control_steps: int = 8
     """Shortest takeover before control may be handed back."""
     max_interventions: int = 8
+    finish_after: int = 3
+    """The corrector keeps control to the end from this takeover of an episode on (0 = always hand back)."""
 
 
 @dataclass(frozen=True)

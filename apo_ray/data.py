@@ -457,6 +457,19 @@ def _dataset_hash(inputs: list[dict[str, Any]], config: dict[str, Any], referenc
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+def _checkpoint_stats(ckpt: Path) -> dict[str, Any]:
+    meta = ckpt / "apo_vla.json"
+    if not meta.is_file():
+        raise UserError("reference checkpoint missing or incomplete (apo_vla.json not found)", str(ckpt),
+                        "pass a checkpoint dir written by apo-ray train")
+    try:
+        stats = json.loads(meta.read_text())["action_stats"]
+    except (ValueError, KeyError):
+        raise UserError("reference checkpoint has no readable action statistics", str(meta),
+                        "retrain or restore the checkpoint") from None
+    return stats
+
+
 def _dir_hash(path: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
@@ -480,9 +493,10 @@ def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _plan(labels: dict[str, np.ndarray], expert_paths: frozenset[str], cfg: DataConfig
+def _plan(labels: dict[str, np.ndarray], expert_paths: frozenset[str], cfg: DataConfig,
+          fixed_stats: dict[str, Any] | None = None
           ) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, Any], dict[str, Any]]:
-    """Driver-side numpy: statistics, pools and the batch schedule from the per-step labels."""
+    """Driver-side numpy: statistics (unless ``fixed_stats``), pools and the batch schedule from the labels."""
     # deterministic order whatever order Ray returned the groups in
     order = np.lexsort((labels[S.T], labels[PATH].astype(str), labels[S.EPISODE_ID].astype(str)))
     lab = {k: v[order] for k, v in labels.items()}
@@ -491,7 +505,7 @@ def _plan(labels: dict[str, np.ndarray], expert_paths: frozenset[str], cfg: Data
     if not keep.any():
         raise UserError(f"all {len(keep)} steps were filtered out ({dropped})", "data.max_abs_action / "
                         "data.idle_threshold", "check the inputs' actions or the filter thresholds")
-    stats = A.action_stats(kept[S.ACTION])
+    stats = fixed_stats if fixed_stats is not None else A.action_stats(kept[S.ACTION])
     is_expert = np.array([p in expert_paths for p in kept[PATH]], dtype=bool)
     pool = pool_of(kept[S.C], is_expert)
     sizes = [int((pool == p).sum()) for p in range(3)]
@@ -564,7 +578,10 @@ def build_dataset(episode_dirs: Iterable[str | os.PathLike[str]], demo_paths: It
               "n_bins": cfg.n_bins, "vocab_size": vocab_size, "rows_per_shard": cfg.rows_per_shard}
     reference = None
     if ref_checkpoint is not None:
-        reference = {"checkpoint": str(Path(ref_checkpoint).resolve()), "sha256": _dir_hash(Path(ref_checkpoint))}
+        # Fine-tuning keeps the reference's action statistics: re-deriving them from the new data would move
+        # every bin, so the warm-started policy and its reference would score shifted labels.
+        reference = {"checkpoint": str(Path(ref_checkpoint).resolve()), "sha256": _dir_hash(Path(ref_checkpoint)),
+                     "action_stats": _checkpoint_stats(Path(ref_checkpoint))}
     dhash = _dataset_hash(inputs, config, reference)
     t_hashed = time.perf_counter()
     old = out_dir / "manifest.json"
@@ -649,7 +666,8 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
     pairs = pd.DataFrame({k: labels[k] for k in (PATH, S.EPISODE_ID, "block")}).drop_duplicates()
     if pairs.duplicated([PATH, S.EPISODE_ID]).any():
         raise RuntimeError("an episode was split across read blocks; relabelling needs whole episodes")
-    plan, path_ids, stats, counts = _plan(labels, frozenset(expert), cfg)
+    plan, path_ids, stats, counts = _plan(labels, frozenset(expert), cfg,
+                                          reference["action_stats"] if reference is not None else None)
     lap("plan")
 
     # Pass 2: normalize, tokenize, place every step into its balanced micro-batches, write.

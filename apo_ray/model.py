@@ -598,7 +598,6 @@ def load_policy(ckpt_dir: str | Path, trainable: bool = False):
     try:
         if meta.kind == "tiny":
             from tokenizers import Tokenizer
-
             from transformers.utils import logging as hf_logging
 
             level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()

@@ -164,6 +164,23 @@ def _check_model_config(init: str, cfg: Config) -> None:
                             str(p), f"drop model.{k} from the config (or set it to {built[k]}), or train from scratch")
 
 
+def _check_action_stats(info: dict, init: str) -> None:
+    """A warm start must see actions binned as its checkpoint was trained: same q01/q99 statistics."""
+    from apo_ray import model as M
+
+    p = Path(init)
+    meta = json.loads(((p / M.META_FILE) if (p / M.META_FILE).is_file() else p / "checkpoint" / M.META_FILE).read_text())
+    have, want = meta.get("action_stats") or {}, info["manifest"]["action_stats"]
+    def same(k: str) -> bool:
+        a, b = np.asarray(have.get(k, []), float), np.asarray(want.get(k, []), float)
+        return a.shape == b.shape and np.allclose(a, b)
+
+    if not (same("q01") and same("q99")):
+        raise UserError("the dataset's action statistics differ from the --init checkpoint's, so its action tokens "
+                        "would mean other actions", str(Path(info["shards"][0]).parents[1] / "manifest.json"),
+                        f"rebuild the dataset with --ref-checkpoint {init}")
+
+
 def _same_ckpt(a: str, b: str) -> bool:
     def norm(p: str) -> Path:
         q = Path(p).resolve()
@@ -192,6 +209,7 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
                             "pass a checkpoint dir written by apo-ray train, or scratch")
         init = str(p.resolve())
         _check_model_config(init, cfg)
+        _check_action_stats(info, init)
     _check_vocab(info, init, cfg)
     ref_mode = _reference_mode(cfg, info, init)
     world = t.workers

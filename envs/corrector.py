@@ -13,7 +13,9 @@ Triggers (any one fires a takeover after ``reaction_delay`` steps, like a human'
 
 While in control it executes the oracle's action (c=2, intervention_id = index of the intervention in the
 episode). It hands back (c=1, intervention_id=-1) once the subgoal of the phase it took over in holds, i.e. the
-oracle has moved past that phase (or the task succeeded), after at least ``min_control_steps`` steps.
+oracle has moved past that phase (or the task succeeded), after at least ``min_control_steps`` steps. The
+``finish_after``-th takeover of an episode never hands back: like a human who stops trusting a policy that keeps
+failing, the corrector then drives the episode to success (the paper's deployments all end in success).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class Corrector:
         if self.in_control:
             self._control_steps += 1
             done = oracle.stage > self._takeover_stage or success
-            if not (done and self._control_steps > self.cfg.min_control_steps):
+            finishing = 0 < self.cfg.finish_after <= self.interventions
+            if finishing or not (done and self._control_steps > self.cfg.min_control_steps):
                 return np.asarray(oracle_action, np.float32), C_CORRECTOR, self._intervention_id
             self._hand_back(oracle)
         trigger = self._trigger(policy_action, oracle_action, privileged, oracle, success)

@@ -131,6 +131,7 @@ MUTATIONS = {
     "drop_manifest": lambda d: (d / "manifest.json").unlink(),
     "no_stats": lambda d: _manifest(d, lambda m: m.update(action_stats={})),
     "vocab_600": lambda d: _manifest(d, lambda m: m["config"].update(vocab_size=600)),
+    "other_stats": lambda d: _manifest(d, lambda m: m["action_stats"].update(q99=[0.5] * 7)),
     "other_weights": lambda d: shutil.copy(d.parent / "ckpt_small" / "model.safetensors", d / "model.safetensors"),
     "short_tokenizer": lambda d: _short_tokenizer(d / "tokenizer.json"),
     "corrupt_meta": lambda d: (d / "apo_vla.json").write_text('{"kind": "tiny", '),

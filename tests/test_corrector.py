@@ -46,6 +46,10 @@ def _check_labels(result, corrector, cfg):
     for take, back in zip(takeovers, handbacks, strict=False):
         assert back - take >= cfg.min_control_steps and cs[back] == C_POLICY
         assert np.all(cs[take:back] == C_CORRECTOR)
+    if 0 < cfg.finish_after <= len(takeovers):  # the finishing takeover keeps control to the end
+        assert len(handbacks) == cfg.finish_after - 1 and np.all(cs[takeovers[cfg.finish_after - 1]:] == C_CORRECTOR)
+    else:
+        assert len(handbacks) == len(takeovers) or (len(handbacks) == len(takeovers) - 1 and cs[-1] == C_CORRECTOR)
     assert set(cs.tolist()) <= {C_POLICY, C_CORRECTOR}
 
 
@@ -99,6 +103,20 @@ def test_degraded_stream_is_corrected_and_succeeds(lift_env):
         result, corrector = _episode(lift_env, "lift", Lapses(0.03, seed), cfg, seed)
         assert corrector.interventions >= 1 and result["success"], (seed, corrector.events)
         _check_labels(result, corrector, cfg)
+
+
+def test_a_policy_that_keeps_failing_is_finished_by_the_corrector(lift_env):
+    """Uniformly random actions never lift the cube; the corrector takes over, hands back twice, and from its
+    third takeover on keeps control until the episode succeeds."""
+    cfg = CorrectorConfig()
+    rng = np.random.default_rng(0)
+    result, corrector = _episode(lift_env, "lift", lambda obs, a: rng.uniform(-1, 1, 7).astype(np.float32), cfg, 3)
+    assert result["success"] and corrector.interventions == cfg.finish_after, corrector.events
+    _check_labels(result, corrector, cfg)
+    never = dataclasses.replace(cfg, finish_after=0)
+    result, corrector = _episode(lift_env, "lift", lambda obs, a: rng.uniform(-1, 1, 7).astype(np.float32), never, 3)
+    assert corrector.interventions > cfg.finish_after
+    _check_labels(result, corrector, never)
 
 
 def test_disabled_and_capped():

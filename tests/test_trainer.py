@@ -52,10 +52,12 @@ def make_dataset(out: Path, rows: int = ROWS, c_zero: bool = True, seed: int = 0
         "episode_id": pa.array([[f"e{i}"] * B for i in range(rows)], type=pa.list_(pa.string())),
         "t": tensor_array(np.tile(np.arange(B, dtype=np.int32), (rows, 1))),
     }
-    manifest = {"schema_version": 1, "dataset_hash": f"test{seed}", "config": {"batch_size": B, "vocab_size": vocab},
-                "action_stats": STATS, "counts": {"rows": rows}, "shards": []}
     out.mkdir(parents=True, exist_ok=True)
-    fsio.write_parquet(out / "shards" / "part-00000.parquet", pa.table(cols))
+    shard = out / "shards" / "part-00000.parquet"
+    fsio.write_parquet(shard, pa.table(cols))
+    manifest = {"schema_version": 1, "dataset_hash": f"test{seed}", "config": {"batch_size": B, "vocab_size": vocab},
+                "action_stats": STATS, "counts": {"rows": rows},
+                "shards": [{"name": "shards/part-00000.parquet", "rows": rows, "sha256": fsio.sha256_file(shard)}]}
     fsio.write_json(out / "manifest.json", manifest)
     return out
 
@@ -106,6 +108,14 @@ def test_bad_inputs(tmp_path, init_ckpt):
     fsio.write_json(d / "manifest.json", m)
     with pytest.raises(UserError, match="no action statistics"):
         train(d, "scratch", tmp_path / "o", tiny_cfg(objective="bc"))
+
+
+@pytest.mark.ray
+def test_dataset_built_against_a_reference_keeps_its_action_statistics(built):
+    """The synthetic actions are uniform in [-1, 1] (their own q01/q99 would be about ±0.98); the dataset must bin
+    them with the reference checkpoint's statistics (±1), or a warm start would read shifted tokens."""
+    m = json.loads((built / "manifest.json").read_text())
+    assert m["action_stats"]["q01"] == STATS["q01"] and m["action_stats"]["q99"] == STATS["q99"]
 
 
 @pytest.mark.ray
