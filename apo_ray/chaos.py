@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shutil.rmtree(root / "chaos", ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    r = run_chaos(a.config, root, a.kills, a.seed, a.overrides)
+    r = run_chaos(a.config, root, a.kills, a.seed, a.overrides, log=lambda m: print(m, flush=True))
     print(f"final run equals the uninterrupted one: stages/episodes/datasets "
           f"{'yes' if r['same_structure'] else 'NO'}, contents and eval results {'yes' if r['same_content'] else 'no'}")
     print(f"kills survived / kills tried: {r['kills_survived']}/{r['kills_tried']}")
