@@ -320,6 +320,18 @@ def _ds_config(t, micro: int, bf16: bool) -> dict:
     }
 
 
+def _safe_ds_load(path: str, map_location: Any = None) -> Any:
+    """DeepSpeed's checkpoint loader unpickles with weights_only=False. Its files hold tensors, plain containers
+    and three small DeepSpeed types; allow exactly those, so a checkpoint dir can never run code."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def _batch_arrays(b: dict) -> dict[str, np.ndarray]:
     """Flatten R rows of B-sample micro-batches into N = R·B samples."""
     out = {}
@@ -371,6 +383,7 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
     group = lc["group"]
     ds_cfg = _ds_config(t, group * t.grad_accum, cuda)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+    engine.checkpoint_engine.load = _safe_ds_load
     dtype = torch.bfloat16 if cuda else torch.float32
     if ref is not None:
         if t.zero_stage == 3:  # shard the replica like the policy
