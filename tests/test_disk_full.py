@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from apo_ray.fsio import disk_error
 from apo_ray.journal import Journal, run_stage
 
 
@@ -63,6 +64,20 @@ def test_journal_stage_on_a_full_disk_keeps_the_last_good_stage(tmpfs: Path) -> 
     j = Journal(run)
     assert run_stage(j, "r0/b", write(8_000_000)) == {"bytes": 8_000_000}
     assert Journal(run).order == ["r0/a", "r0/b"] and (run / "r0/a/blob.bin").read_bytes() == good
+    # the filesystem turns read-only (a failing disk, a lost mount): same story, and the CLI names it
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    try:
+        with pytest.raises(OSError) as e:
+            run_stage(Journal(run), "r0/c", write(10))
+        assert e.value.errno == errno.EROFS and disk_error(RuntimeError("training failed")) is None
+        wrapped = RuntimeError("stage failed")
+        wrapped.__cause__ = e.value
+        assert disk_error(wrapped).startswith("Read-only file system")
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)
+    assert Journal(run).order == ["r0/a", "r0/b"]
+    run_stage(Journal(run), "r0/c", write(10))
+    assert Journal(run).order == ["r0/a", "r0/b", "r0/c"]
 
 
 @pytest.mark.ray
