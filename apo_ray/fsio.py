@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 TMP_PREFIX = ".tmp-"
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 """The checkout (or install prefix) holding apo_ray/ and envs/: outputs never go inside its code dirs."""
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+"""Write failures of the filesystem itself (full, over quota, read-only), not of one path's permissions."""
 DISK_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system")
 
 

@@ -569,8 +569,8 @@ def save_checkpoint(model: nn.Module, proc: Processor, out_dir: str | Path, stat
 
 
 def check_checkpoint(ckpt_dir: str | Path) -> None:
-    """Raise UserError if ``ckpt_dir`` would not load. A tiny checkpoint is loaded once (about a second); an hf
-    one is only checked for its metadata and adapter, since loading a 7B base on the driver costs minutes."""
+    """Raise UserError if ``ckpt_dir`` would not load. A tiny checkpoint is loaded once (about a second); of an hf
+    one only the metadata is read, since loading a 7B base on the driver costs minutes."""
     d = Path(ckpt_dir)
     meta_path = (d / "checkpoint" / META_FILE) if (d / "checkpoint" / META_FILE).is_file() else d / META_FILE
     try:
@@ -616,7 +616,7 @@ def load_policy(ckpt_dir: str | Path, trainable: bool = False):
                 if bars:
                     hf_logging.enable_progress_bar()
             # transformers re-initialises missing or mismatched weights with only a warning: never serve those
-            bad = [(k, info.get(k) or []) for k in ("mismatched_keys", "missing_keys", "unexpected_keys")]
+            bad = [(k, sorted(info.get(k) or [], key=str)) for k in ("mismatched_keys", "missing_keys", "unexpected_keys")]
             bad = [(k, v) for k, v in bad if v]
             if bad:
                 first = bad[0][1][0]

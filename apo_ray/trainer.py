@@ -138,9 +138,7 @@ def _check_vocab(info: dict, init: str, cfg: Config) -> None:
     if init == "scratch":
         have = M.VOCAB_SIZE if cfg.model.kind == "tiny" else None
     else:
-        p = Path(init)
-        meta = json.loads(((p / M.META_FILE) if (p / M.META_FILE).is_file() else p / "checkpoint" / M.META_FILE).read_text())
-        have = int(meta["action_offset"]) + M.N_BINS
+        have = int(_init_meta(init)["action_offset"]) + M.N_BINS
     if want is not None and have is not None and int(want) != have:
         raise UserError(f"the dataset's action tokens were made for vocab_size {want}, the model has {have}",
                         "manifest.json config.vocab_size", f"rebuild the dataset with --vocab-size {have}")
@@ -150,27 +148,28 @@ ARCH_FIELDS = ("kind", "hidden_size", "num_layers", "num_heads", "vision", "visi
                "patch_size", "use_proprio")
 
 
-def _check_model_config(init: str, cfg: Config) -> None:
-    """--init fixes the architecture: a config asking for another one is a mistake, not something to ignore."""
-    from apo_ray import model as M
+def _init_meta(init: str) -> dict:
+    """apo_vla.json of an --init checkpoint dir (or of a training out dir holding checkpoint/)."""
+    from apo_ray.model import META_FILE
 
     p = Path(init)
-    meta = json.loads(((p / M.META_FILE) if (p / M.META_FILE).is_file() else p / "checkpoint" / M.META_FILE).read_text())
-    built = meta.get("model") or {}
+    return json.loads(((p / META_FILE) if (p / META_FILE).is_file() else p / "checkpoint" / META_FILE).read_text())
+
+
+def _check_model_config(init: str, cfg: Config) -> None:
+    """--init fixes the architecture: a config asking for another one is a mistake, not something to ignore."""
+    built = _init_meta(init).get("model") or {}
     want = dataclasses.asdict(cfg.model)
     for k in ARCH_FIELDS if built.get("kind", "tiny") == "tiny" else ("kind",):
         if k in built and built[k] != want[k]:
             raise UserError(f"--init checkpoint was built with model.{k}={built[k]}, the config asks for {want[k]}",
-                            str(p), f"drop model.{k} from the config (or set it to {built[k]}), or train from scratch")
+                            init, f"drop model.{k} from the config (or set it to {built[k]}), or train from scratch")
 
 
 def _check_action_stats(info: dict, init: str) -> None:
     """A warm start must see actions binned as its checkpoint was trained: same q01/q99 statistics."""
-    from apo_ray import model as M
+    have, want = _init_meta(init).get("action_stats") or {}, info["manifest"]["action_stats"]
 
-    p = Path(init)
-    meta = json.loads(((p / M.META_FILE) if (p / M.META_FILE).is_file() else p / "checkpoint" / M.META_FILE).read_text())
-    have, want = meta.get("action_stats") or {}, info["manifest"]["action_stats"]
     def same(k: str) -> bool:
         a, b = np.asarray(have.get(k, []), float), np.asarray(want.get(k, []), float)
         return a.shape == b.shape and np.allclose(a, b)

@@ -144,6 +144,13 @@ def test_bad_checkpoints(tmp_path, tiny):
     (d / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="cannot load checkpoint"):
         M.load_policy(d)
+    # a config.json that no longer matches its weights: transformers would re-initialise, we refuse
+    d2 = M.save_checkpoint(model, proc, tmp_path / "ck2")
+    cfg = json.loads((d2 / "config.json").read_text())
+    cfg["text_config"]["num_hidden_layers"] += 1
+    (d2 / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="weights do not fit the model config: .* missing keys"):
+        M.load_policy(d2)
     (d / M.META_FILE).write_text("{not json")
     with pytest.raises(UserError, match="corrupt"):
         M.load_policy(d)

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         disk = disk_error(e)
         if disk:  # finished work is intact (atomic writes, journal): the same command resumes
             print(UserError(f"the output filesystem failed: {disk}", "output dir",
-                            "free space or fix permissions there, then rerun the same command "
+                            "free space there (or remount it writable), then rerun the same command "
                             "(add --resume for collect/eval)").line(), file=sys.stderr)
             return 3
         if os.environ.get("APO_RAY_DEBUG"):
