@@ -458,15 +458,11 @@ def _dataset_hash(inputs: list[dict[str, Any]], config: dict[str, Any], referenc
 
 
 def _checkpoint_stats(ckpt: Path) -> dict[str, Any]:
-    meta = ckpt / "apo_vla.json"
-    if not meta.is_file():
-        raise UserError("reference checkpoint missing or incomplete (apo_vla.json not found)", str(ckpt),
-                        "pass a checkpoint dir written by apo-ray train")
-    try:
-        stats = json.loads(meta.read_text())["action_stats"]
-    except (ValueError, KeyError):
-        raise UserError("reference checkpoint has no readable action statistics", str(meta),
-                        "retrain or restore the checkpoint") from None
+    from apo_ray.model import read_meta  # the reference stage needs the model anyway
+
+    stats = read_meta(ckpt).get("action_stats")
+    if not stats:
+        raise UserError("reference checkpoint has no action statistics", str(ckpt), "retrain or restore the checkpoint")
     return stats
 
 

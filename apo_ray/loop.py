@@ -360,8 +360,7 @@ def vocab_size(cfg: Config, ref_checkpoint: str | None) -> int:
     from apo_ray import model as M
 
     if ref_checkpoint is not None:
-        meta = json.loads((Path(ref_checkpoint) / M.META_FILE).read_text())
-        return int(meta["action_offset"]) + M.N_BINS
+        return int(M.read_meta(ref_checkpoint)["action_offset"]) + M.N_BINS
     if cfg.model.kind == "tiny":
         return M.VOCAB_SIZE
     from transformers import AutoTokenizer

@@ -568,33 +568,43 @@ def save_checkpoint(model: nn.Module, proc: Processor, out_dir: str | Path, stat
     return out
 
 
-def check_checkpoint(ckpt_dir: str | Path) -> None:
-    """Raise UserError if ``ckpt_dir`` would not load. A tiny checkpoint is loaded once (about a second); of an hf
-    one only the metadata is read, since loading a 7B base on the driver costs minutes."""
+def checkpoint_dir(ckpt_dir: str | Path) -> Path:
+    """The dir holding apo_vla.json: ``ckpt_dir`` itself, or its ``checkpoint/`` (a training out dir)."""
     d = Path(ckpt_dir)
-    meta_path = (d / "checkpoint" / META_FILE) if (d / "checkpoint" / META_FILE).is_file() else d / META_FILE
-    try:
-        kind = json.loads(meta_path.read_text()).get("kind") if meta_path.is_file() else None
-    except json.JSONDecodeError as e:
-        raise UserError(f"corrupt {META_FILE}: {e}", str(meta_path), "retrain or restore the checkpoint") from None
-    if kind == "hf":
-        return
-    load_policy(d)
+    return d / "checkpoint" if (d / "checkpoint" / META_FILE).is_file() else d
 
 
-def load_policy(ckpt_dir: str | Path, trainable: bool = False):
-    """Load a checkpoint dir → (model, processor, action_stats). Missing/corrupt dirs raise UserError."""
-    d = Path(ckpt_dir)
-    if (d / "checkpoint" / META_FILE).is_file():  # accept a training out dir too
-        d = d / "checkpoint"
+def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    """A checkpoint's apo_vla.json (kind, action statistics, token layout, model config); UserError if missing or
+    corrupt. Cheap: the one reader of checkpoint metadata for stages that do not need the weights."""
+    d = checkpoint_dir(ckpt_dir)
     meta_path = d / META_FILE
     if not meta_path.is_file():
         raise UserError(f"not a VLA checkpoint: {META_FILE} missing", str(d),
                         "pass the checkpoint/ dir written by apo-ray train")
     try:
-        meta = VLAMeta(**json.loads(meta_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
         raise UserError(f"corrupt {META_FILE}: {e}", str(meta_path), "retrain or restore the checkpoint") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"corrupt {META_FILE}: not a JSON object", str(meta_path), "retrain or restore the checkpoint")
+    return meta
+
+
+def check_checkpoint(ckpt_dir: str | Path) -> None:
+    """Raise UserError if ``ckpt_dir`` would not load. A tiny checkpoint is loaded once (about a second); of an hf
+    one only the metadata is read, since loading a 7B base on the driver costs minutes."""
+    if read_meta(ckpt_dir).get("kind") != "hf":
+        load_policy(ckpt_dir)
+
+
+def load_policy(ckpt_dir: str | Path, trainable: bool = False):
+    """Load a checkpoint dir → (model, processor, action_stats). Missing/corrupt dirs raise UserError."""
+    d = checkpoint_dir(ckpt_dir)
+    try:
+        meta = VLAMeta(**read_meta(d))
+    except TypeError as e:
+        raise UserError(f"corrupt {META_FILE}: {e}", str(d / META_FILE), "retrain or restore the checkpoint") from None
     try:
         if meta.kind == "tiny":
             from tokenizers import Tokenizer

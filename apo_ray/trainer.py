@@ -130,15 +130,15 @@ def _fresh_or_resume(out_dir: Path, key: dict) -> None:
     fsio.write_json(run_key, key)
 
 
-def _check_vocab(info: dict, init: str, cfg: Config) -> None:
+def _check_vocab(info: dict, init_meta: dict | None, cfg: Config) -> None:
     """The dataset's action tokens must be the model's last 256 ids."""
     from apo_ray import model as M
 
     want = (info["manifest"].get("config") or {}).get("vocab_size")
-    if init == "scratch":
+    if init_meta is None:
         have = M.VOCAB_SIZE if cfg.model.kind == "tiny" else None
     else:
-        have = int(_init_meta(init)["action_offset"]) + M.N_BINS
+        have = int(init_meta["action_offset"]) + M.N_BINS
     if want is not None and have is not None and int(want) != have:
         raise UserError(f"the dataset's action tokens were made for vocab_size {want}, the model has {have}",
                         "manifest.json config.vocab_size", f"rebuild the dataset with --vocab-size {have}")
@@ -148,17 +148,9 @@ ARCH_FIELDS = ("kind", "hidden_size", "num_layers", "num_heads", "vision", "visi
                "patch_size", "use_proprio")
 
 
-def _init_meta(init: str) -> dict:
-    """apo_vla.json of an --init checkpoint dir (or of a training out dir holding checkpoint/)."""
-    from apo_ray.model import META_FILE
-
-    p = Path(init)
-    return json.loads(((p / META_FILE) if (p / META_FILE).is_file() else p / "checkpoint" / META_FILE).read_text())
-
-
-def _check_model_config(init: str, cfg: Config) -> None:
+def _check_model_config(init: str, init_meta: dict, cfg: Config) -> None:
     """--init fixes the architecture: a config asking for another one is a mistake, not something to ignore."""
-    built = _init_meta(init).get("model") or {}
+    built = init_meta.get("model") or {}
     want = dataclasses.asdict(cfg.model)
     for k in ARCH_FIELDS if built.get("kind", "tiny") == "tiny" else ("kind",):
         if k in built and built[k] != want[k]:
@@ -166,9 +158,9 @@ def _check_model_config(init: str, cfg: Config) -> None:
                             init, f"drop model.{k} from the config (or set it to {built[k]}), or train from scratch")
 
 
-def _check_action_stats(info: dict, init: str) -> None:
+def _check_action_stats(info: dict, init: str, init_meta: dict) -> None:
     """A warm start must see actions binned as its checkpoint was trained: same q01/q99 statistics."""
-    have, want = _init_meta(init).get("action_stats") or {}, info["manifest"]["action_stats"]
+    have, want = init_meta.get("action_stats") or {}, info["manifest"]["action_stats"]
 
     def same(k: str) -> bool:
         a, b = np.asarray(have.get(k, []), float), np.asarray(want.get(k, []), float)
@@ -199,17 +191,19 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
     if t.objective in NEEDS_UNDESIRABLE and info["c_counts"][0] == 0:
         raise UserError(f"objective {t.objective} needs undesirable (c=0) samples and the dataset has none",
                         str(data_dir), "collect with the corrector on (k>0), or use --objective bc/dagger")
+    init_meta = None
     if init != "scratch":
-        from apo_ray.model import META_FILE
+        from apo_ray.model import META_FILE, checkpoint_dir, read_meta
 
         p = Path(init)
-        if not ((p / META_FILE).is_file() or (p / "checkpoint" / META_FILE).is_file()):
+        if not (checkpoint_dir(p) / META_FILE).is_file():
             raise UserError(f"--init checkpoint missing or incomplete ({META_FILE} not found)", str(p),
                             "pass a checkpoint dir written by apo-ray train, or scratch")
         init = str(p.resolve())
-        _check_model_config(init, cfg)
-        _check_action_stats(info, init)
-    _check_vocab(info, init, cfg)
+        init_meta = read_meta(init)
+        _check_model_config(init, init_meta, cfg)
+        _check_action_stats(info, init, init_meta)
+    _check_vocab(info, init_meta, cfg)
     ref_mode = _reference_mode(cfg, info, init)
     world = t.workers
     steps_per_epoch = info["rows"] // world // t.grad_accum

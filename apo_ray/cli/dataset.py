@@ -29,16 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _default_vocab_size(cfg, ref_checkpoint: str | None) -> int:
     """The vocabulary the action tokens live in: the reference checkpoint's, else the tiny model's."""
-    from pathlib import Path
 
     from apo_ray import model as M
     from apo_ray.cli import usage_error
 
     if ref_checkpoint is not None:
-        d = Path(ref_checkpoint)
-        meta = d / M.META_FILE if (d / M.META_FILE).is_file() else d / "checkpoint" / M.META_FILE
-        if meta.is_file():
-            return int(json.loads(meta.read_text())["action_offset"]) + M.N_BINS
+        return int(M.read_meta(ref_checkpoint)["action_offset"]) + M.N_BINS
     if cfg.model.kind == "tiny":
         return M.VOCAB_SIZE
     raise usage_error("--vocab-size is required for model.kind=hf", "pass the VLA tokenizer's vocabulary size")
