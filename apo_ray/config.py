@@ -96,6 +96,9 @@ class ModelConfig:
     patch_size: int = 16
     """Image pixels per image token side: 64 px / 16 = 4x4 = 16 image tokens."""
     use_proprio: bool = False
+    """Tiny kind: a proprio token (eef pos, quat, gripper), standardised with the BC data's statistics."""
+    coord_channels: bool = False
+    """Tiny kind: append the pixel coordinates as 2 input channels (CoordConv) for finer localisation."""
     lora_r: int = 0
     lora_alpha: int = 16
 
@@ -174,6 +177,11 @@ class LoopConfig:
     """Round-0 optimizer-step cap (0 = ``train.max_steps``)."""
     base_lr: float = 0.0
     """Round-0 learning rate (0 = ``train.lr``)."""
+    base_batch_size: int = 0
+    """Round-0 (BC) batch size (0 = ``data.batch_size``); BC learns best at 64, APO's micro-batch is 8."""
+    base_idle_threshold: float = -1.0
+    """Round-0 near-idle filter (< 0 = ``data.idle_threshold``). 0 keeps the demos' grasp steps (gripper closing
+    while the arm holds still), which the APO data filter drops."""
     storage: str = ""
     """Run-dir storage URI (local path or ``s3://``); empty = the ``--run-dir`` given on the CLI."""
 
@@ -203,6 +211,9 @@ class Config:
         for name in ("k", "batch_size", "rows_per_shard"):
             if getattr(self.data, name) < (0 if name == "k" else 1):
                 raise UserError(f"data.{name} must be positive", f"config data.{name}", "set a positive integer")
+        if self.loop.base_batch_size < 0:
+            raise UserError("loop.base_batch_size must be >= 0", "config loop.base_batch_size",
+                            "set 0 (use data.batch_size) or a positive batch size")
         return self
 
 

@@ -256,8 +256,13 @@ class Loop:
         ref = None if st.round == 0 else self.checkpoint(st.round - 1, self.cfg.loop.arms[0] if st.arm == SHARED
                                                          else st.arm)
         episode_dirs = self._episode_dirs(st.round, st.arm) if st.round > 0 else []
+        dc, lp = self.cfg.data, self.cfg.loop
+        if st.round == 0:
+            dc = dataclasses.replace(dc, batch_size=lp.base_batch_size or dc.batch_size,
+                                     idle_threshold=dc.idle_threshold if lp.base_idle_threshold < 0
+                                     else lp.base_idle_threshold)
         with _Ticker(st.key, None, self.progress):
-            summary = build_dataset(episode_dirs, demos, work, self.cfg.data, ref_checkpoint=ref,
+            summary = build_dataset(episode_dirs, demos, work, dc, ref_checkpoint=ref,
                                     vocab_size=vocab_size(self.cfg, ref), address=self.address)
         manifest = json.loads((work / "manifest.json").read_text())
         return {**summary, "counts": manifest["counts"]}

@@ -107,9 +107,9 @@ def _wrap_fast(tok):
 class ConvStem(nn.Module):
     """Plain stride-2 3x3 convs with GroupNorm: one halving per layer, no pooling, batch-independent."""
 
-    def __init__(self, widths: list[int]) -> None:
+    def __init__(self, widths: list[int], num_channels: int = 3) -> None:
         super().__init__()
-        layers, c = [], 3
+        layers, c = [], num_channels
         for w in widths:
             layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GroupNorm(min(8, w), w), nn.GELU()]
             c = w
@@ -124,7 +124,8 @@ class TinyVLAConfig(PretrainedConfig):
 
     def __init__(self, vision_kind: str = "resnet", vision_config: dict | None = None,
                  text_config: dict | None = None, image_size: int = 64, use_proprio: bool = False,
-                 proprio_dim: int = 9, n_image_tokens: int = 16, **kwargs: Any) -> None:
+                 proprio_dim: int = 9, n_image_tokens: int = 16, proprio_mean: list[float] | None = None,
+                 proprio_std: list[float] | None = None, coord_channels: bool = False, **kwargs: Any) -> None:
         self.vision_kind = vision_kind
         self.vision_config = vision_config or {}
         self.text_config = text_config or {}
@@ -132,6 +133,11 @@ class TinyVLAConfig(PretrainedConfig):
         self.use_proprio = use_proprio
         self.proprio_dim = proprio_dim
         self.n_image_tokens = n_image_tokens
+        self.coord_channels = coord_channels
+        # the training data's proprio statistics: raw eef positions vary by centimetres around a ~1 m offset,
+        # which a linear layer cannot resolve without standardising first
+        self.proprio_mean = list(proprio_mean) if proprio_mean is not None else [0.0] * proprio_dim
+        self.proprio_std = list(proprio_std) if proprio_std is not None else [1.0] * proprio_dim
         super().__init__(**kwargs)
 
 
@@ -178,6 +184,14 @@ class TinyVLA(PreTrainedModel):
 
     def encode_images(self, pixel_values: torch.Tensor, proprio: torch.Tensor | None = None) -> torch.Tensor:
         """(B,3,H,W) in [-1,1] (+ (B,9) proprio) → (B, T, hidden) prefix embeddings."""
+        if self.config.coord_channels:
+            # CoordConv: the pixel's own (x, y) as two more input channels, so the encoder can report where the
+            # object is, not only that it is there (the policy must place the gripper to ~1 cm)
+            b, _, hh, ww = pixel_values.shape
+            ys = torch.linspace(-1, 1, hh, device=pixel_values.device, dtype=pixel_values.dtype)
+            xs = torch.linspace(-1, 1, ww, device=pixel_values.device, dtype=pixel_values.dtype)
+            grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(b, 2, hh, ww)
+            pixel_values = torch.cat([pixel_values, grid], dim=1)
         if self.config.vision_kind in ("resnet", "convnext"):
             feats = self.vision(pixel_values).last_hidden_state.flatten(2).transpose(1, 2)
         elif self.config.vision_kind == "conv":
@@ -188,7 +202,11 @@ class TinyVLA(PreTrainedModel):
         if self.proprio_proj is not None:
             if proprio is None:
                 raise ValueError("this model was built with use_proprio; pass proprio")
-            x = torch.cat([x, self.proprio_proj(proprio.to(x.dtype)).unsqueeze(1)], dim=1)
+            # from the config, not buffers: they travel in config.json and never meet from_pretrained's meta init
+            mean = torch.tensor(self.config.proprio_mean, device=proprio.device)
+            std = torch.tensor(self.config.proprio_std, device=proprio.device)
+            z = (proprio.float() - mean) / std
+            x = torch.cat([x, self.proprio_proj(z.to(x.dtype)).unsqueeze(1)], dim=1)
         return x
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -212,18 +230,19 @@ class TinyVLA(PreTrainedModel):
                         logits_to_keep=logits_to_keep, cache=cache, use_cache=use_cache)
 
 
-def tiny_config(mc: ModelConfig, image_size: int = 64) -> TinyVLAConfig:
+def tiny_config(mc: ModelConfig, image_size: int = 64, proprio_stats: dict | None = None) -> TinyVLAConfig:
     """Default: 64×64 image → ResNet stages to a 4×4 grid = 16 image tokens; hidden 128, 4-layer Llama."""
     grid = image_size // mc.patch_size
     if grid < 1 or image_size % mc.patch_size:
         raise UserError(f"image_size {image_size} is not a multiple of model.patch_size {mc.patch_size}",
                         "config model.patch_size", "use a patch size that divides the image size")
+    chans = 5 if mc.coord_channels else 3
     if mc.vision == "resnet":
         # stem (conv s2 + maxpool s2) gives /4, then one stride-2 stage per further halving
         n_stages = 1 + int(round(math.log2(mc.patch_size / 4)))
         v = mc.vision_hidden_size
         widths = [max(8, v >> (n_stages - 1 - i)) for i in range(n_stages)]
-        vision = dict(num_channels=3, embedding_size=widths[0], hidden_sizes=widths,
+        vision = dict(num_channels=chans, embedding_size=widths[0], hidden_sizes=widths,
                       depths=[max(1, mc.vision_layers // 2)] * n_stages, layer_type="basic",
                       downsample_in_first_stage=False, hidden_act="relu")
     elif mc.vision == "convnext":
@@ -231,14 +250,14 @@ def tiny_config(mc: ModelConfig, image_size: int = 64) -> TinyVLAConfig:
         n_stages = 1 + int(round(math.log2(mc.patch_size / 4)))
         v = mc.vision_hidden_size
         widths = [max(8, v >> (n_stages - 1 - i)) for i in range(n_stages)]
-        vision = dict(num_channels=3, patch_size=4, num_stages=n_stages, hidden_sizes=widths,
+        vision = dict(num_channels=chans, patch_size=4, num_stages=n_stages, hidden_sizes=widths,
                       depths=[max(1, mc.vision_layers // 2)] * n_stages, hidden_act="gelu", drop_path_rate=0.0)
     elif mc.vision == "conv":
         n = int(round(math.log2(mc.patch_size)))
         v = mc.vision_hidden_size
-        vision = dict(widths=[max(8, v >> (n - 1 - i)) for i in range(n)])
+        vision = dict(widths=[max(8, v >> (n - 1 - i)) for i in range(n)], num_channels=chans)
     else:
-        vision = dict(image_size=image_size, patch_size=mc.patch_size, num_channels=3,
+        vision = dict(image_size=image_size, patch_size=mc.patch_size, num_channels=chans,
                       hidden_size=mc.vision_hidden_size, num_hidden_layers=mc.vision_layers,
                       num_attention_heads=max(1, mc.vision_hidden_size // 32),
                       intermediate_size=4 * mc.vision_hidden_size)
@@ -247,7 +266,9 @@ def tiny_config(mc: ModelConfig, image_size: int = 64) -> TinyVLAConfig:
                 num_key_value_heads=mc.num_heads, max_position_embeddings=256, pad_token_id=PAD_ID,
                 bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False)
     return TinyVLAConfig(vision_kind=mc.vision, vision_config=vision, text_config=text, image_size=image_size,
-                         use_proprio=mc.use_proprio, n_image_tokens=grid * grid)
+                         use_proprio=mc.use_proprio, n_image_tokens=grid * grid,
+                         proprio_mean=(proprio_stats or {}).get("mean"), proprio_std=(proprio_stats or {}).get("std"),
+                         coord_channels=mc.coord_channels)
 
 
 # ----------------------------------------------------------------------------------------- inputs/meta
@@ -483,14 +504,14 @@ def _core(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------------ build/save/load
 def build_model(mc: ModelConfig, action_stats: dict, image_size: int = 64, instructions: list[str] | tuple = (),
-                seed: int = 0):
+                seed: int = 0, proprio_stats: dict | None = None):
     """A fresh model + processor. kind tiny: from configs; kind hf: the local VLA at ``mc.path`` (+ LoRA)."""
     if mc.kind == "hf":
         return load_hf(mc, action_stats, image_size)
     if mc.kind != "tiny":
         raise UserError(f"unknown model.kind '{mc.kind}'", "config model.kind", "use tiny or hf")
     torch.manual_seed(seed)
-    model = TinyVLA(tiny_config(mc, image_size))
+    model = TinyVLA(tiny_config(mc, image_size, proprio_stats))
     tok = build_tokenizer(list(instructions))
     uniq = sorted(set(instructions))
     meta = VLAMeta(kind="tiny", image_size=image_size, use_proprio=mc.use_proprio, action_offset=VOCAB_SIZE - N_BINS,

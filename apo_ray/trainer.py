@@ -77,6 +77,17 @@ def _inspect_dataset(data_dir: Path) -> dict[str, Any]:
             "has_ref_oracle": "ref_logp_oracle" in schema.names}
 
 
+def proprio_stats(shards: list[str]) -> dict[str, list[float]]:
+    """Per-dimension mean/std of the training rows' proprio, for the model's input standardisation. A constant
+    dimension gets std 1 so it cannot blow up."""
+    from apo_ray.schema import PROPRIO_DIM, column_to_numpy, read_table
+
+    x = np.concatenate([column_to_numpy(read_table(s, columns=["proprio"]).column("proprio")).reshape(-1, PROPRIO_DIM)
+                        for s in shards]).astype(np.float64)
+    std = x.std(0)
+    return {"mean": x.mean(0).round(6).tolist(), "std": np.where(std < 1e-4, 1.0, std).round(6).tolist()}
+
+
 def _verify_shards(data_dir: Path, manifest: dict, shards: list[Path]) -> None:
     """The shards on disk must be exactly the manifest's, byte for byte (sha256): a truncated, swapped or
     stray shard would silently change what is trained on."""
@@ -145,7 +156,7 @@ def _check_vocab(info: dict, init_meta: dict | None, cfg: Config) -> None:
 
 
 ARCH_FIELDS = ("kind", "hidden_size", "num_layers", "num_heads", "vision", "vision_hidden_size", "vision_layers",
-               "patch_size", "use_proprio")
+               "patch_size", "use_proprio", "coord_channels")
 
 
 def _check_model_config(init: str, init_meta: dict, cfg: Config) -> None:
@@ -220,6 +231,8 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
     fsio.write_json(out_dir / "config.json", cfg.to_dict())
     loop_cfg = {"cfg": cfg.to_dict(), "init": init, "out_dir": str(out_dir.resolve()), "ref_mode": ref_mode,
                 "action_stats": info["manifest"]["action_stats"], "image_size": info["image_size"],
+                "proprio_stats": (proprio_stats(info["shards"])
+                                  if init == "scratch" and cfg.model.use_proprio and cfg.model.kind == "tiny" else None),
                 "instructions": info["instructions"], "group": info["batch_size"],
                 "steps_per_epoch": steps_per_epoch, "total_steps": total,
                 "fail_at_step": int(os.environ.get(FAIL_ENV, "0") or 0)}
@@ -358,7 +371,8 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
 
     # -- model + frozen reference (built from init, never from the resumed policy)
     if lc["init"] == "scratch":
-        model, proc = M.build_model(mc, lc["action_stats"], lc["image_size"], lc["instructions"], seed=t.seed)
+        model, proc = M.build_model(mc, lc["action_stats"], lc["image_size"], lc["instructions"], seed=t.seed,
+                                    proprio_stats=lc.get("proprio_stats"))
     else:
         model, proc, _ = M.load_policy(lc["init"], trainable=True)
         model.requires_grad_(True) if proc.meta.kind == "tiny" else None

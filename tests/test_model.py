@@ -90,9 +90,11 @@ def test_scoring_is_batch_independent_in_train_mode(tiny):
     model.eval()
 
 
-@pytest.mark.parametrize("vision", ["resnet", "convnext", "conv", "vit"])
-def test_every_vision_kind_gives_16_batch_independent_image_tokens(vision, tmp_path):
-    model, proc = M.build_model(dataclasses.replace(MC, vision=vision), STATS, 64, ["lift the cube"], seed=0)
+@pytest.mark.parametrize("vision,coords", [("resnet", False), ("convnext", False), ("conv", False), ("vit", False),
+                                           ("resnet", True), ("conv", True)])
+def test_every_vision_kind_gives_16_batch_independent_image_tokens(vision, coords, tmp_path):
+    mc = dataclasses.replace(MC, vision=vision, coord_channels=coords)
+    model, proc = M.build_model(mc, STATS, 64, ["lift the cube"], seed=0)
     model.train()
     _, _, inp, toks = _batch(proc)
     assert model.encode_images(inp.pixel_values).shape == (4, 16, MC.hidden_size)
@@ -103,6 +105,8 @@ def test_every_vision_kind_gives_16_batch_independent_image_tokens(vision, tmp_p
     (-one.sum()).backward()
     stem = next(model.vision.parameters())  # the first conv / patch embedding learns from the action loss
     assert stem.grad is not None and stem.grad.abs().sum() > 0
+    conv = next(p for p in model.vision.parameters() if p.dim() == 4)
+    assert conv.shape[1] == (5 if coords else 3)  # RGB (+ the x, y coordinate channels)
     m2, p2, _ = M.load_policy(M.save_checkpoint(model.eval(), proc, tmp_path / "ck"))
     torch.testing.assert_close(M.score_actions(m2, inp, [toks], p2.meta)[0].logp,
                                M.score_actions(model, inp, [toks], proc.meta)[0].logp, atol=0, rtol=0)
@@ -134,6 +138,24 @@ def test_save_load_round_trip(tiny, tmp_path):
     act = M.tokens_to_actions(np.full((1, 7), M.VOCAB_SIZE - 1), p2.meta)
     np.testing.assert_allclose(act[0, :6], 0.5 * (1 + (1 - 1 / 256)) * 1.0 - 0.5, atol=1e-6)
     np.testing.assert_allclose(act[0, 6], 1 - 1 / 256, atol=1e-6)
+
+
+def test_proprio_is_standardised_with_the_saved_training_statistics(tmp_path):
+    pstats = {"mean": [0.1, -0.2, 0.9, 0, 0, 0, 1, 0.02, -0.02], "std": [0.05, 0.04, 0.1, 1, 1, 1, 1, 0.01, 0.01]}
+    mc = dataclasses.replace(MC, use_proprio=True)
+    model, proc = M.build_model(mc, STATS, 64, ["lift the cube"], seed=0, proprio_stats=pstats)
+    model.eval()
+    raw = torch.tensor([[0.15, -0.22, 1.0, 0.1, 0.2, 0.3, 0.9, 0.03, -0.01]])
+    z = (raw - torch.tensor(pstats["mean"])) / torch.tensor(pstats["std"])  # by hand: 1, -0.5, 1, ...
+    torch.testing.assert_close(z[0, :3], torch.tensor([1.0, -0.5, 1.0]))
+    pix = torch.zeros(1, 3, 64, 64)
+    with torch.no_grad():
+        token = model.encode_images(pix, raw)[0, -1]
+        torch.testing.assert_close(token, model.proprio_proj(z)[0])
+        d = M.save_checkpoint(model, proc, tmp_path / "ckpt")
+        m2, _, _ = M.load_policy(d)
+        torch.testing.assert_close(m2.encode_images(pix, raw)[0, -1], token, atol=0, rtol=0)
+    assert m2.config.proprio_std == pstats["std"]
 
 
 def test_bad_checkpoints(tmp_path, tiny):
