@@ -8,11 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from apo_ray import schema as S
 from apo_ray.fsio import write_json
-from apo_ray.rollout import EPISODES_DIR, collect
+from apo_ray.rollout import collect
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -39,22 +36,14 @@ def evaluate(policy: str, task: str, scenario: str, episodes: int, workers: int,
     summary = collect(task, scenario, policy, episodes, workers, seed, out_dir, round_=round_, corrector=None,
                       image_size=image_size, horizon=horizon, videos=videos, address=address, seeds=seeds,
                       resume=resume, progress=progress, label=f"eval {scenario}")
-    lengths, succ_lengths = [], []
-    for path in sorted((Path(out_dir) / EPISODES_DIR).glob("*.parquet")):
-        t = pq.read_table(path, columns=[S.SUCCESS, S.SEED])
-        if int(t.column(S.SEED)[0].as_py()) not in seeds:
-            continue
-        lengths.append(t.num_rows)
-        if t.column(S.SUCCESS)[0].as_py():
-            succ_lengths.append(t.num_rows)
     lo, hi = wilson_interval(summary["successes"], summary["episodes"])
     result = {
         "success_rate": summary["success_rate"],
         "ci95": [round(lo, 4), round(hi, 4)],
         "episodes": summary["episodes"],
         "successes": summary["successes"],
-        "mean_length": sum(lengths) / len(lengths) if lengths else 0.0,
-        "mean_success_length": sum(succ_lengths) / len(succ_lengths) if succ_lengths else None,
+        "mean_length": summary["mean_length"],
+        "mean_success_length": summary["mean_success_length"],
         "task": task, "scenario": scenario, "policy": policy, "seeds": [seeds[0], seeds[-1]],
         "env_steps_per_s": summary["env_steps_per_s"],
     }

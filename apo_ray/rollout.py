@@ -179,6 +179,8 @@ def summarize(stats: list[EpisodeStats], wall_s: float, new_steps: int) -> dict[
         "intervention_steps": sum(s.intervention_steps for s in stats),
         "interventions": sum(s.interventions for s in stats),
         "env_steps_per_s": round(new_steps / wall_s, 2) if wall_s > 0 else 0.0,
+        "mean_length": sum(s.steps for s in stats) / n if n else 0.0,
+        "mean_success_length": (sum(s.steps for s in stats if s.success) / successes) if successes else None,
     }
 
 
