@@ -41,6 +41,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": False,
                     "configure_logging": True, "logging_level": "ERROR"}
     if address:
+        # Inside `ray job submit` the job's runtime env and ours both set env_vars (MUJOCO_GL, ...): without
+        # this Ray refuses to merge them ("Failed to merge the Job's runtime env"). Ours is built from this
+        # process's environment, which already holds the job's values, so overriding loses nothing.
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, **kwargs)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",

@@ -14,10 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's workin
 
 
 def run(command: str, argv: list[str], address_flag: bool = True) -> int:
-    # The job's runtime env (`ray job submit --runtime-env-json`) and the one apo_ray passes to ray.init both
-    # set env_vars such as MUJOCO_GL; without this Ray refuses to merge them ("Failed to merge the Job's
-    # runtime env ... because of a conflict"), and with it both reach the workers.
-    os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     from apo_ray.cli import main
 
     args = [command, *argv]
