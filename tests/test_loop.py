@@ -91,6 +91,15 @@ def test_loop_end_to_end_killed_and_resumed(tmp_path: Path, monkeypatch) -> None
     assert deploy["episodes"] == cfg.loop.rollouts_per_round and deploy["intervention_steps"] > 0
     assert len(fp_ref["episodes"]) == cfg.loop.demos + cfg.loop.rollouts_per_round + 4 * cfg.eval.episodes
     assert len(fp_ref["dataset_inputs"]["r1/apo/dataset"]) == cfg.loop.demos + cfg.loop.rollouts_per_round
+    # round 0 builds its BC set with the loop.base_* batch and filter, later rounds with data.*
+    built = {k: json.loads((ref / k / "manifest.json").read_text())["config"] for k in ("r0/base/dataset",
+                                                                                        "r1/apo/dataset")}
+    assert (built["r0/base/dataset"]["batch_size"], built["r0/base/dataset"]["filters"]["idle_threshold"]) == (16, 0.0)
+    assert (built["r1/apo/dataset"]["batch_size"], built["r1/apo/dataset"]["filters"]["idle_threshold"]) == (8, 0.05)
+    # pi0 standardises its proprio token with the demos' statistics, and every later round keeps them
+    pi0 = json.loads((ref / "r0/base/train/checkpoint/config.json").read_text())
+    assert pi0["use_proprio"] and len(pi0["proprio_std"]) == 9 and pi0["proprio_std"] != [1.0] * 9
+    assert json.loads((ref / "r1/apo/train/checkpoint/config.json").read_text())["proprio_mean"] == pi0["proprio_mean"]
     status = subprocess.run([*APO_RAY, "status", "--run-dir", str(ref), "--json"], capture_output=True, text=True,
                             env=_env(), check=True)
     st = json.loads(status.stdout)
