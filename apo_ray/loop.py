@@ -391,6 +391,10 @@ def prepare_run_dir(cfg: Config, storage: RunStorage, resume: bool) -> Config:
     if saved_path.exists():
         saved = json.loads(saved_path.read_text())
         diffs = [k for k in _diff(saved, cfg.to_dict()) if k not in RESUMABLE_CONFIG_KEYS]
+        old_arms, new_arms = saved.get("loop", {}).get("arms", []), list(cfg.loop.arms)
+        if "loop.arms" in diffs and set(old_arms) <= set(new_arms):
+            # arms only added: each arm's stages are its own and round 1's shared data comes from pi0
+            diffs.remove("loop.arms")
         if diffs:
             raise UserError(f"the run dir was started with a different config: '{diffs[0]}' differs "
                             f"({_get(saved, diffs[0])!r} there, {_get(cfg.to_dict(), diffs[0])!r} now)",

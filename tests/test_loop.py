@@ -57,6 +57,9 @@ def test_run_dir_refuses_a_different_config(tmp_path: Path) -> None:
     prepare_run_dir(config.load(SMOKE, ["loop.rounds=3"]), st, resume=True)  # more rounds: allowed
     with pytest.raises(UserError, match="train.lr"):
         prepare_run_dir(config.load(SMOKE, ["loop.rounds=3", "train.lr=0.5"]), st, resume=True)
+    prepare_run_dir(config.load(SMOKE, ["loop.arms=[apo,dagger]"]), st, resume=True)  # an arm added: allowed
+    with pytest.raises(UserError, match="loop.arms"):  # an arm dropped: its finished stages would be orphaned
+        prepare_run_dir(config.load(SMOKE, ["loop.arms=[dagger]"]), st, resume=True)
     with pytest.raises(UserError, match="nothing to resume"):
         prepare_run_dir(config.load(SMOKE), RunStorage(tmp_path / "empty"), resume=True)
 
