@@ -55,7 +55,7 @@ class CorrectorConfig:
 @dataclass(frozen=True)
 class CollectConfig:
     policy: str = "oracle"
-    """``oracle``, ``random``, ``noisy-oracle:<p>`` or a checkpoint dir of a trained VLA."""
+    """``oracle``, ``random``, ``noisy-oracle:<p>``, ``dart-oracle:<sigma>`` or a checkpoint dir of a trained VLA."""
     episodes: int = 8
     workers: int = 2
     seed: int = 0
@@ -74,6 +74,9 @@ class DataConfig:
     idle_threshold: float = 0.05
     """Steps with sum(|a[:6]|) below this are dropped as near-idle."""
     batch_size: int = 8
+    demo_label: str = "action"
+    """What expert demos train on: ``action`` (the executed action) or ``oracle`` (the clean oracle action recorded
+    beside it, for demos collected with ``dart-oracle:<sigma>``)."""
     n_bins: int = 256
     seed: int = 0
     rows_per_shard: int = 4096
@@ -177,6 +180,8 @@ class LoopConfig:
     """Round-0 optimizer-step cap (0 = ``train.max_steps``)."""
     base_lr: float = 0.0
     """Round-0 learning rate (0 = ``train.lr``)."""
+    demo_policy: str = "oracle"
+    """Round-0 demo collector: ``oracle``, or ``dart-oracle:<sigma>`` with ``data.demo_label: oracle``."""
     base_batch_size: int = 0
     """Round-0 (BC) batch size (0 = ``data.batch_size``); BC learns best at 64, APO's micro-batch is 8."""
     base_idle_threshold: float = -1.0
@@ -211,6 +216,9 @@ class Config:
         for name in ("k", "batch_size", "rows_per_shard"):
             if getattr(self.data, name) < (0 if name == "k" else 1):
                 raise UserError(f"data.{name} must be positive", f"config data.{name}", "set a positive integer")
+        if self.data.demo_label not in ("action", "oracle"):
+            raise UserError(f"unknown data.demo_label '{self.data.demo_label}'", "config data.demo_label",
+                            "use action or oracle")
         if self.loop.base_batch_size < 0:
             raise UserError("loop.base_batch_size must be >= 0", "config loop.base_batch_size",
                             "set 0 (use data.batch_size) or a positive batch size")

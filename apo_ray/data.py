@@ -644,11 +644,15 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
 
     import ray
 
+    oracle_demos = frozenset(expert) if cfg.demo_label == "oracle" else frozenset()
+    add_path = functools.partial(_add_local_path, oracle_demos=oracle_demos)
+    relabel_from = [S.ORACLE_ACTION] if oracle_demos else []
+
     # Pass 1: per-episode filter + relabel on the light columns.
     def label_pass() -> dict[str, np.ndarray]:
         ds = ray.data.read_parquet(files, include_paths=True, override_num_blocks=_partitions(len(files), 0))
-        ds = ds.select_columns([*LIGHT_COLUMNS, PATH])
-        ds = ds.map_batches(_add_local_path, batch_format="numpy")
+        ds = ds.select_columns([*LIGHT_COLUMNS, *relabel_from, PATH])
+        ds = ds.map_batches(add_path, batch_format="numpy")
         ds = ds.map_batches(functools.partial(_label_block, cfg=cfg, expert_paths=frozenset(expert)),
                             batch_size=None, batch_format="numpy")
         return _concat(ds.iter_batches(batch_size=None, batch_format="numpy"))
@@ -676,7 +680,7 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
         ds = ray.data.read_parquet(files, include_paths=True,
                                    override_num_blocks=_partitions(len(files), input_bytes))
         ds = ds.select_columns([*HEAVY_COLUMNS, PATH])
-        ds = ds.map_batches(_add_local_path, batch_format="numpy")
+        ds = ds.map_batches(add_path, batch_format="numpy")
         ds = ds.map_batches(functools.partial(_explode, plan=plan, path_ids=path_ids, stats=stats,
                                               vocab_size=vocab_size, n_bins=cfg.n_bins), batch_format="numpy")
         ds = ds.groupby(BATCH_ID, num_partitions=_partitions(counts["batches"], batch_bytes)).map_groups(
@@ -726,7 +730,15 @@ def _partitions(n_keys: int, nbytes: int) -> int:
     return max(1, min(n_keys, 2 * cpus, math.ceil(nbytes / TARGET_PARTITION_BYTES)))
 
 
-def _add_local_path(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray reports paths without a scheme or with ``local://``-style prefixes; key on the absolute path."""
+def _add_local_path(batch: dict[str, np.ndarray], oracle_demos: frozenset[str] = frozenset()
+                    ) -> dict[str, np.ndarray]:
+    """Ray reports paths without a scheme or with ``local://``-style prefixes; key on the absolute path.
+    Rows of ``oracle_demos`` files then take the recorded oracle action as their action (``demo_label: oracle``),
+    before any filter, statistic or token sees it."""
     batch[PATH] = np.array([os.path.abspath(str(p).split("://", 1)[-1]) for p in batch[PATH]], dtype=object)
+    if oracle_demos:
+        rows = np.isin(batch[PATH].astype(str), list(oracle_demos))
+        action = np.array(batch[S.ACTION], np.float32)
+        action[rows] = np.asarray(batch[S.ORACLE_ACTION], np.float32)[rows]
+        batch[S.ACTION] = action
     return batch

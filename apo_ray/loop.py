@@ -131,6 +131,16 @@ def check_config(cfg: Config) -> None:
     if lp.base_objective not in OBJECTIVES:
         raise UserError(f"unknown loop.base_objective '{lp.base_objective}'", "config loop.base_objective",
                         "use bc")
+    if lp.demo_policy != "oracle":
+        if not lp.demo_policy.startswith("dart-oracle:"):
+            raise UserError(f"loop.demo_policy '{lp.demo_policy}' is not an expert", "config loop.demo_policy",
+                            "use oracle, or dart-oracle:<sigma> with data.demo_label: oracle")
+        from apo_ray.policies import check_policy_spec
+
+        check_policy_spec(lp.demo_policy)
+        if cfg.data.demo_label != "oracle":
+            raise UserError("loop.demo_policy perturbs the demos but data.demo_label is 'action': pi0 would "
+                            "imitate the noise", "config data.demo_label", "set data.demo_label: oracle")
     if not lp.scenarios and lp.rounds > 0:
         raise UserError("loop.scenarios is empty", "config loop.scenarios", "name a disruption, e.g. [position]")
     for sc in (*lp.scenarios, cfg.env.scenario):
@@ -229,7 +239,7 @@ class Loop:
 
         c, e = self.cfg.collect, self.cfg.env
         if st.round == 0:
-            policy, corrector, seed, n, videos = "oracle", None, c.seed, self.cfg.loop.demos, 0
+            policy, corrector, seed, n, videos = self.cfg.loop.demo_policy, None, c.seed, self.cfg.loop.demos, 0
         else:
             j = self.cfg.loop.scenarios.index(st.scenario)
             policy = self.checkpoint(st.round - 1, self.cfg.loop.arms[0] if st.arm == SHARED else st.arm)
@@ -381,6 +391,12 @@ def _diff(a: Any, b: Any, prefix: str = "") -> Iterator[str]:
         yield prefix.rstrip(".")
 
 
+def _with_defaults(saved: Any, defaults: Any) -> Any:
+    if isinstance(saved, dict) and isinstance(defaults, dict):
+        return {**defaults, **{k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}}
+    return saved
+
+
 def prepare_run_dir(cfg: Config, storage: RunStorage, resume: bool) -> Config:
     """Check the run dir against the config; save the config on a new run. Returns the config to run."""
     run_dir = storage.local
@@ -389,7 +405,8 @@ def prepare_run_dir(cfg: Config, storage: RunStorage, resume: bool) -> Config:
     saved_path = run_dir / CONFIG_FILE
     has_journal = (run_dir / "journal.json").exists()
     if saved_path.exists():
-        saved = json.loads(saved_path.read_text())
+        # a run saved before a config key existed ran with that key's default
+        saved = _with_defaults(json.loads(saved_path.read_text()), Config().to_dict())
         diffs = [k for k in _diff(saved, cfg.to_dict()) if k not in RESUMABLE_CONFIG_KEYS]
         old_arms, new_arms = saved.get("loop", {}).get("arms", []), list(cfg.loop.arms)
         if "loop.arms" in diffs and set(old_arms) <= set(new_arms):

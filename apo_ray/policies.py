@@ -15,7 +15,8 @@ import numpy as np
 from apo_ray.errors import UserError
 from apo_ray.schema import ACTION_DIM
 
-POLICY_SPECS = "oracle, random, noisy-oracle:<p> (0<=p<=1), or a trained checkpoint directory"
+POLICY_SPECS = ("oracle, random, noisy-oracle:<p> (0<=p<=1), dart-oracle:<sigma> (0<=sigma<=1), or a trained "
+                "checkpoint directory")
 
 
 class Policy(Protocol):
@@ -94,16 +95,45 @@ class NoisyOraclePolicy(OraclePolicy):
         return out
 
 
+class DartOraclePolicy(OraclePolicy):
+    """The oracle with Gaussian noise of std ``sigma`` on its executed translation (DART, Laskey et al. 2017).
+
+    The rollout records the clean oracle action beside the executed one, so demos collected this way visit the
+    small off-course states a learned policy drifts into, labelled with the expert's way back
+    (``data.demo_label: oracle``). Rotation and gripper stay clean, as in ``NoisyOraclePolicy``.
+    """
+
+    def __init__(self, task: str, sigma: float) -> None:
+        super().__init__(task)
+        self.sigma = sigma
+        self.version = f"dart-oracle:{sigma:g}"
+        self._rngs: list[np.random.Generator] = []
+
+    def reset(self, seeds: list[int]) -> None:
+        super().reset(seeds)
+        self._rngs = [np.random.default_rng([s, 0xDA27]) for s in seeds]
+
+    def act(self, obs_batch: list[dict]) -> np.ndarray:
+        out = super().act(obs_batch)
+        for i, rng in enumerate(self._rngs[: len(obs_batch)]):
+            out[i, :3] = np.clip(out[i, :3] + rng.normal(0.0, self.sigma, 3), -1.0, 1.0)
+        return out
+
+
+NOISY_KINDS = {"noisy-oracle": (NoisyOraclePolicy, "p", 0.1), "dart-oracle": (DartOraclePolicy, "sigma", 0.3)}
+
+
 def _noise_level(spec: str) -> float:
-    _, _, p = spec.partition(":")
+    kind, _, p = spec.partition(":")
+    name, example = NOISY_KINDS[kind][1:]
     try:
-        prob = float(p)
+        level = float(p)
     except ValueError:
-        prob = -1.0
-    if not 0.0 <= prob <= 1.0:
+        level = -1.0
+    if not 0.0 <= level <= 1.0:
         raise UserError(f"bad policy spec '{spec}'", "--policy",
-                        "write noisy-oracle:<p> with 0<=p<=1, e.g. noisy-oracle:0.1")
-    return prob
+                        f"write {kind}:<{name}> with 0<={name}<=1, e.g. {kind}:{example}")
+    return level
 
 
 def check_policy_spec(spec: str) -> None:
@@ -112,7 +142,7 @@ def check_policy_spec(spec: str) -> None:
     s = spec.strip()
     if s in ("oracle", "random"):
         return
-    if s.startswith("noisy-oracle"):
+    if s.partition(":")[0] in NOISY_KINDS:
         _noise_level(s)
         return
     if not Path(s).is_dir():
@@ -130,8 +160,8 @@ def make_policy(spec: str, task: str) -> Policy:
         return OraclePolicy(task)
     if s == "random":
         return RandomPolicy()
-    if s.startswith("noisy-oracle"):
-        return NoisyOraclePolicy(task, _noise_level(s))
+    if s.partition(":")[0] in NOISY_KINDS:
+        return NOISY_KINDS[s.partition(":")[0]][0](task, _noise_level(s))
     from apo_ray.vla_policy import VLAPolicy
 
     return VLAPolicy(Path(s))

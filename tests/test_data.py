@@ -90,8 +90,8 @@ def test_pools_slots_schedule() -> None:
 # Parquet inputs
 
 
-def episode(eid: str, c: list[int], *, actions: np.ndarray | None = None, instruction: str = "lift the cube"
-            ) -> pa.Table:
+def episode(eid: str, c: list[int], *, actions: np.ndarray | None = None, oracle_actions: np.ndarray | None = None,
+            instruction: str = "lift the cube") -> pa.Table:
     """Actions are distinct per step (a[0] = 0.01 * t + 0.1, gripper ±1) so rows can be traced in the output."""
     n = len(c)
     t = np.arange(n)
@@ -103,7 +103,8 @@ def episode(eid: str, c: list[int], *, actions: np.ndarray | None = None, instru
     steps = {
         S.EPISODE_ID: eid, S.ROUND: 0, S.TASK: "lift", S.SCENARIO: "nominal", S.SEED: 0, S.T: t.astype(np.int32),
         S.IMAGE: np.full((n, IMG, IMG, 3), 7, np.uint8) + t[:, None, None, None].astype(np.uint8),
-        S.PROPRIO: np.zeros((n, 9), np.float32), S.ACTION: actions, S.ORACLE_ACTION: actions,
+        S.PROPRIO: np.zeros((n, 9), np.float32), S.ACTION: actions,
+        S.ORACLE_ACTION: actions if oracle_actions is None else oracle_actions,
         S.C: np.array(c, np.int8), S.INTERVENTION_ID: iid.astype(np.int32), S.REWARD: np.zeros(n, np.float32),
         S.DONE: np.arange(n) == n - 1, S.SUCCESS: False, S.INSTRUCTION: instruction, S.POLICY_VERSION: "test",
         S.STATE: [np.zeros(4)] * n,
@@ -188,6 +189,30 @@ def test_pipeline_end_to_end(ray_local, inputs: tuple[Path, Path], tmp_path: Pat
     other = D.build_dataset([eps], [demos], out, DataConfig(k=1), vocab_size=1000)
     assert other["dataset_hash"] != summary["dataset_hash"] and other["undesirable"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.ray
+def test_dart_demos_train_on_the_recorded_oracle_action(ray_local, tmp_path: Path) -> None:
+    n = 6
+    executed = np.zeros((n, 7), np.float32)
+    executed[:, 0] = [0.5, 0.6, -0.2, 0.01, 0.9, 0.3]   # noisy; t=3 is near-idle (|a| sum 0.01 < 0.05)
+    clean = np.zeros((n, 7), np.float32)
+    clean[:, 0] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]        # the oracle's, all kept
+    demos = write(tmp_path / "demos", {"demo0": episode("demo0", [1] * n, actions=executed, oracle_actions=clean)})
+    # a policy episode whose recorded oracle differs too: only demos are relabelled
+    eps = write(tmp_path / "eps", {"e0": episode("e0", [1] * 4, oracle_actions=np.ones((4, 7), np.float32))})
+    for label, want_demo, rows in (("action", executed, 9), ("oracle", clean, 10)):  # executed t=3 is idle
+        out = tmp_path / label
+        s = D.build_dataset([eps], [demos], out, DataConfig(batch_size=2, demo_label=label), vocab_size=300)
+        assert s["rows"] == rows and s["dropped"]["idle"] == 10 - rows  # the filter saw the label, not the noise
+        got = {(r["episode_id"][j], r["t"][j]): r["action"][j] for r in read_rows(out) for j in range(2)}
+        for t in range(n):
+            if ("demo0", t) in got:
+                np.testing.assert_allclose(got[("demo0", t)], want_demo[t], atol=1e-7)
+        assert len({k for k in got if k[0] == "demo0"}) == rows - 4
+        np.testing.assert_allclose(got[("e0", 2)][0], 0.12, atol=1e-7)  # the executed action, as collected
+        stats = json.loads((out / "manifest.json").read_text())["action_stats"]
+        assert (stats["min"][0], stats["max"][0]) == pytest.approx((-0.2, 0.9) if label == "action" else (0.1, 0.6))
 
 
 @pytest.mark.ray

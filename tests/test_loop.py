@@ -45,6 +45,9 @@ def test_plan_shares_round1_and_accumulates() -> None:
     (["loop.scenarios=[nowhere]"], "nowhere"),
     (["eval.seed=10"], "overlap"),
     (["loop.rollouts_per_round=0"], "rollouts_per_round"),
+    (["loop.demo_policy=random"], "not an expert"),
+    (["loop.demo_policy=dart-oracle:0.3"], "demo_label"),
+    (["loop.demo_policy=dart-oracle:3", "data.demo_label=oracle"], "bad policy spec"),
 ])
 def test_bad_loop_configs_are_user_errors(override: list[str], match: str) -> None:
     with pytest.raises(UserError, match=match):
@@ -62,6 +65,14 @@ def test_run_dir_refuses_a_different_config(tmp_path: Path) -> None:
         prepare_run_dir(config.load(SMOKE, ["loop.arms=[dagger]"]), st, resume=True)
     with pytest.raises(UserError, match="nothing to resume"):
         prepare_run_dir(config.load(SMOKE), RunStorage(tmp_path / "empty"), resume=True)
+    # a run saved before a key existed resumes while that key keeps its default, and not with another value
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["data"]["demo_label"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    prepare_run_dir(config.load(SMOKE, ["loop.arms=[apo,dagger]"]), st, resume=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="data.demo_label"):
+        prepare_run_dir(config.load(SMOKE, ["loop.arms=[apo,dagger]", "data.demo_label=oracle"]), st, resume=True)
 
 
 # ------------------------------------------------------------------------------------------ end to end

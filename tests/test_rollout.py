@@ -85,6 +85,20 @@ def test_intervention_labels_match_who_acted(ray_local, tmp_path):
         assert (starts == np.arange(len(starts))).all()
 
 
+def test_dart_demos_execute_seeded_noise_and_record_the_clean_oracle(tmp_path):
+    w = RolloutWorker("lift", "nominal", "dart-oracle:0.3", str(tmp_path), corrector=None)
+    stats = w.run_episode(3)
+    w.close()
+    ep = _read(tmp_path / "episodes" / "lift-nominal-r0-s000003.parquet")
+    n = len(ep[S.T])
+    assert stats.success and (ep[S.C] == S.C_POLICY).all()
+    # by hand: the translation is the oracle's plus N(0, 0.3^2) drawn from the episode seed's generator, clipped
+    rng = np.random.default_rng([3, 0xDA27])
+    want = np.clip(ep[S.ORACLE_ACTION][:, :3].astype(np.float64) + rng.normal(0.0, 0.3, (n, 3)), -1, 1)
+    np.testing.assert_allclose(ep[S.ACTION][:, :3], want, atol=1e-6)
+    np.testing.assert_array_equal(ep[S.ACTION][:, 3:], ep[S.ORACLE_ACTION][:, 3:])  # rotation, gripper clean
+
+
 def _cli(args, env=None, cwd=None):
     e = {**os.environ, **(env or {})}
     return subprocess.run(APO + args, capture_output=True, text=True, env=e, cwd=cwd, timeout=300)
@@ -124,6 +138,7 @@ def test_video_has_border_while_correcting(ray_local, tmp_path):
     (["--task", "lift", "--scenario", "posiiton"], "posiiton"),
     (["--task", "lift", "--episodes", "0"], "--episodes must be >= 1"),
     (["--task", "lift", "--policy", "noisy-oracle:2"], "bad policy spec"),
+    (["--task", "lift", "--policy", "dart-oracle:x"], "dart-oracle:<sigma> with 0<=sigma<=1"),
     (["--task", "lift", "--policy", "gpt"], "unknown policy 'gpt'"),
     (["--task", "lift", "--image-size", "32"], "--image-size 32 out of range"),
 ])

@@ -13,7 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", required=True, help="task name (see `apo-ray tasks`)")
     p.add_argument("--scenario", default="nominal", help="scenario or composition, e.g. position+texture")
     p.add_argument("--policy", default="oracle",
-                   help="oracle | random | noisy-oracle:<p> | a trained checkpoint directory")
+                   help="oracle | random | noisy-oracle:<p> | dart-oracle:<sigma> | a trained checkpoint directory")
     p.add_argument("--episodes", type=int, default=8)
     p.add_argument("--workers", type=int, default=2, help="parallel rollout actors")
     p.add_argument("--seed", type=int, default=0, help="episode i uses seed + i")

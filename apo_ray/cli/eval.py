@@ -10,7 +10,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a policy (no corrector) over seeded episodes",
                        description="Roll a policy out with no corrector on seeds S..S+N-1 and print "
                                    '{"success_rate","ci95":[lo,hi],"episodes",...} as the last stdout line.')
-    p.add_argument("--policy", required=True, help="checkpoint directory, or oracle | random | noisy-oracle:<p>")
+    p.add_argument("--policy", required=True, help="checkpoint directory, or oracle | random | noisy-oracle:<p> | dart-oracle:<sigma>")
     p.add_argument("--task", required=True)
     p.add_argument("--scenario", default="nominal")
     p.add_argument("--episodes", type=int, default=50)
