@@ -58,32 +58,31 @@ def _inspect_dataset(data_dir: Path) -> dict[str, Any]:
     missing = [c for c in BASE_COLUMNS if c not in schema.names]
     if missing:
         raise UserError(f"shards lack columns {missing}", str(shards[0]), "rebuild the dataset with this version")
-    from apo_ray.schema import column_to_numpy, read_table
+    from apo_ray.schema import PROPRIO_DIM, column_to_numpy, read_table
 
-    rows, instructions, c_counts = 0, set(), np.zeros(3, dtype=np.int64)
+    rows, instructions, c_counts, proprio = 0, set(), np.zeros(3, dtype=np.int64), []
     for s in shards:
-        t = read_table(s, columns=["instruction", "c"])
+        t = read_table(s, columns=["instruction", "c", "proprio"])
         rows += t.num_rows
         for lst in t.column("instruction").to_pylist():
             instructions.update(lst)
         c_counts += np.bincount(column_to_numpy(t.column("c")).reshape(-1).astype(np.int64), minlength=3)[:3]
+        proprio.append(column_to_numpy(t.column("proprio")).reshape(-1, PROPRIO_DIM))
     first = read_table(shards[0], columns=["image"]).slice(0, 1)
 
     img = column_to_numpy(first.column("image"))  # (1, B, H, W, 3)
     return {"manifest": manifest, "shards": [str(s) for s in shards], "rows": rows,
             "batch_size": int(img.shape[1]), "image_size": int(img.shape[2]),
             "instructions": sorted(instructions), "c_counts": c_counts.tolist(),
+            "proprio_stats": proprio_stats(np.concatenate(proprio)),
             "has_ref": all(c in schema.names for c in REF_COLUMNS),
             "has_ref_oracle": "ref_logp_oracle" in schema.names}
 
 
-def proprio_stats(shards: list[str]) -> dict[str, list[float]]:
-    """Per-dimension mean/std of the training rows' proprio, for the model's input standardisation. A constant
-    dimension gets std 1 so it cannot blow up."""
-    from apo_ray.schema import PROPRIO_DIM, column_to_numpy, read_table
-
-    x = np.concatenate([column_to_numpy(read_table(s, columns=["proprio"]).column("proprio")).reshape(-1, PROPRIO_DIM)
-                        for s in shards]).astype(np.float64)
+def proprio_stats(proprio: np.ndarray) -> dict[str, list[float]]:
+    """Per-dimension mean/std of the training samples' proprio (N, D), for the model's input standardisation.
+    A constant dimension gets std 1 so it cannot blow up."""
+    x = np.asarray(proprio, np.float64)
     std = x.std(0)
     return {"mean": x.mean(0).round(6).tolist(), "std": np.where(std < 1e-4, 1.0, std).round(6).tolist()}
 
@@ -231,7 +230,7 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
     fsio.write_json(out_dir / "config.json", cfg.to_dict())
     loop_cfg = {"cfg": cfg.to_dict(), "init": init, "out_dir": str(out_dir.resolve()), "ref_mode": ref_mode,
                 "action_stats": info["manifest"]["action_stats"], "image_size": info["image_size"],
-                "proprio_stats": (proprio_stats(info["shards"])
+                "proprio_stats": (info["proprio_stats"]
                                   if init == "scratch" and cfg.model.use_proprio and cfg.model.kind == "tiny" else None),
                 "instructions": info["instructions"], "group": info["batch_size"],
                 "steps_per_epoch": steps_per_epoch, "total_steps": total,

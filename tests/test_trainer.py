@@ -93,6 +93,23 @@ def built(tmp_path_factory, init_ckpt, ray_local):
     return root / "ds"
 
 
+def test_proprio_stats_by_hand(tmp_path):
+    from apo_ray.trainer import _inspect_dataset, proprio_stats
+
+    got = proprio_stats(np.array([[1.0, 2.0, 5.0], [3.0, 2.0, 7.0]]))
+    assert got == {"mean": [2.0, 2.0, 6.0], "std": [1.0, 1.0, 1.0]}  # the constant middle dim gets std 1
+    got = proprio_stats(np.array([[0.0], [0.5], [1.0], [0.5]]))
+    assert got["mean"] == [0.5] and got["std"] == pytest.approx([np.sqrt(0.125)], abs=1e-6)
+    # the dataset pass computes them over every sample of every shard
+    info = _inspect_dataset(make_dataset(tmp_path / "ds"))
+    from apo_ray.schema import PROPRIO_DIM, column_to_numpy, read_table
+
+    x = np.concatenate([column_to_numpy(read_table(s, columns=["proprio"]).column("proprio")).reshape(-1, PROPRIO_DIM)
+                        for s in info["shards"]])
+    assert len(x) == info["rows"] * info["batch_size"]
+    np.testing.assert_allclose(info["proprio_stats"]["mean"], x.mean(0), atol=1e-6)
+
+
 def test_bad_inputs(tmp_path, init_ckpt):
     from apo_ray.trainer import train
 
