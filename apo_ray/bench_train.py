@@ -10,7 +10,8 @@
 Ours: one vision encoding shared by the own and rolled token sets, one stacked LLM forward, logits only at the
 8 scored positions, l_i/λ/KL vectorised on the device. Each variant runs in a fresh process so its peak memory
 is its own; on CPU memory is peak RSS (and its rise over the process's post-import baseline), on GPU
-``torch.cuda.max_memory_allocated``.
+``torch.cuda.max_memory_allocated``. The cached variant's reference columns come from a process of their own,
+as the dataset's reference stage writes them in production.
 """
 
 from __future__ import annotations
@@ -120,41 +121,59 @@ def _our_step(policy, ref, proc, batch, p, group: int, cached: dict | None):
     return apo_loss(s, p)[0]
 
 
-def _run_variant(variant: str, opts: dict, q) -> None:
-    import copy
-
+def _setup(opts: dict):
+    """The model, processor and one batch; deterministic, so every process builds the same ones."""
     import numpy as np
     import torch
 
     from apo_ray import model as M
     from apo_ray.config import ModelConfig
-    from apo_ray.loss import LossParams
 
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n, group, size = opts["micro_batch"] * opts["grad_accum"], opts["micro_batch"], opts["image_size"]
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     c_pattern = np.array([1] * (group // 2) + [2] * (group // 4) + [0] * (group - group // 2 - group // 4))
     stats = {"q01": [-1.0] * 7, "q99": [1.0] * 7}
+    mc = ModelConfig(hidden_size=opts["hidden"], num_layers=opts["layers"])
+    policy, proc = M.build_model(mc, stats, size, ["lift the cube"], seed=0)
+    tokens = rng.integers(0, 256, (n, 7)) + proc.meta.action_offset
+    return policy, proc, images, tokens, np.tile(c_pattern, n // group)
+
+
+def _reference_columns(opts: dict, q) -> None:
+    """What the dataset's reference stage writes: run in its own process, as in production, so the cached
+    variant's peak memory never holds a reference model."""
+    from apo_ray import model as M
+
+    policy, proc, images, tokens, _ = _setup(opts)
+    q.put(M.reference_logps(policy.eval(), proc, images, ["lift the cube"] * len(images), tokens,
+                            group=opts["micro_batch"]))
+
+
+def _run_variant(variant: str, opts: dict, cached_cols: dict | None, q) -> None:
+    import copy
+
+    import numpy as np
+    import torch
+
+    from apo_ray import model as _  # noqa: F401  (imported before the baseline: the rise is the step's memory)
+    from apo_ray.loss import LossParams
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base_rss = _rss_mb()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    mc = ModelConfig(hidden_size=opts["hidden"], num_layers=opts["layers"])
-    policy, proc = M.build_model(mc, stats, size, ["lift the cube"], seed=0)
+    policy, proc, images, tokens, c = _setup(opts)
+    n, group = len(images), opts["micro_batch"]
     policy.to(dev)
-    tokens = torch.as_tensor(rng.integers(0, 256, (n, 7)) + proc.meta.action_offset, device=dev)
     batch = {"inputs": proc(images, ["lift the cube"] * n).to(dev),
-             "own": tokens, "c": torch.as_tensor(np.tile(c_pattern, n // group), device=dev)}
+             "own": torch.as_tensor(tokens, device=dev), "c": torch.as_tensor(c, device=dev)}
     cached = None
     ref = None
     if variant == "cached":
-        # computed once by the dataset's reference stage in production; the reference is then dropped
-        frozen = copy.deepcopy(policy).eval()
-        cols = M.reference_logps(frozen, proc, images, ["lift the cube"] * n, tokens.cpu().numpy(), group=group)
-        cached = {k: torch.as_tensor(v, device=dev) for k, v in cols.items()}
-        del frozen
+        cached = {k: torch.as_tensor(v, device=dev) for k, v in cached_cols.items()}
     else:
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.train()
@@ -186,17 +205,24 @@ def _run_variant(variant: str, opts: dict, q) -> None:
     q.put(out)
 
 
+def _spawn(ctx, target, args: tuple) -> Any:
+    """Run ``target(*args, queue)`` in a fresh process (its own peak memory) and return what it puts."""
+    q = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, q))
+    proc.start()
+    got = q.get()
+    proc.join()
+    return got
+
+
 def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     opts = {k: getattr(args, k) for k in TRAIN_OPTIONS}
     variants = [v.strip() for v in opts.pop("variants").split(",") if v.strip()]
     ctx = mp.get_context("spawn")
     res: dict[str, Any] = {}
+    cols = _spawn(ctx, _reference_columns, (opts,)) if "cached" in variants else None
     for v in variants:
-        q = ctx.Queue()
-        proc = ctx.Process(target=_run_variant, args=(v, opts, q))
-        proc.start()
-        res[v] = q.get()
-        proc.join()
+        res[v] = _spawn(ctx, _run_variant, (v, opts, cols if v == "cached" else None))
     out: dict[str, Any] = {"config": opts, **res}
     if "cached" in res and "live" in res:
         out["cached_vs_live_speed"] = res["cached"]["samples_per_s"] / res["live"]["samples_per_s"]
