@@ -123,6 +123,8 @@ class TrainConfig:
     seed: int = 1
     beta: float = 0.1
     kl_clamp: float = 5.0
+    kl_nonneg: bool = False
+    """Clamp the KL estimate to [0, kl_clamp] (TRL's KTO) instead of the paper code's [-kl_clamp, kl_clamp]."""
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     reweight: bool = True

@@ -8,6 +8,7 @@ metrics. The math follows ``shared/docs/apo_spec.md`` §2, "code as written" by 
   (c≠0) sum the 7 action tokens + EOS, undesirable ones (c=0) only the 7 action tokens;
 * KL estimate ``z = clamp(mean_i(log π_θ(a_{i+1}|o_i) − log π_ref(a_{i+1}|o_i)), ±kl_clamp)``, detached,
   from mismatched pairs (each sample scored with the next sample's actions inside its micro-batch);
+  ``kl_nonneg`` clamps it to ``[0, kl_clamp]`` instead;
 * ``L_D = 1 − σ(β(r − z))``, ``L_U = 1 − σ(β(z − r))``, weighted by desirable/undesirable weights;
 * APO: ``λ_D = 1 − exp(−β_D w)``, ``λ_U = exp(−β_U w)`` with ``w`` the L1 action error normalised per subset
   (``subset_sum``, the paper's code), by the per-subset mean (``subset_mean``, batch-size invariant) or over
@@ -65,6 +66,7 @@ class Scores:
 class LossParams:
     beta: float = 0.1
     kl_clamp: float = 5.0
+    kl_nonneg: bool = False
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     reweight: bool = True
@@ -90,15 +92,17 @@ def _grouped(x: Tensor, group: int) -> Tensor:
 
 
 def kl_estimate(kl_logp: Tensor, ref_kl_logp: Tensor, group: int, clamp: float,
-                allreduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                allreduce: Callable[[Tensor], Tensor] | None = None, nonneg: bool = False) -> Tensor:
     """Per-micro-batch KL estimate (G,): mean mismatched-pair log-ratio, detached, clamped to ±clamp.
 
     ``allreduce`` (mean over workers) turns the paper code's per-device estimate into a global one.
+    ``nonneg`` clamps at 0 from below instead (a KL is never negative; TRL's KTO does this): a negative
+    estimate otherwise lowers every desirable sample's target and raises every undesirable one's.
     """
     z = _grouped((kl_logp - ref_kl_logp).detach(), group).mean(dim=1)
     if allreduce is not None:
         z = allreduce(z)
-    return z.clamp(-clamp, clamp)
+    return z.clamp(0.0 if nonneg else -clamp, clamp)
 
 
 def adaptive_lambdas(l1: Tensor, desirable: Tensor, group: int, norm: str = "subset_sum",
@@ -155,7 +159,7 @@ def apo_loss(s: Scores, p: LossParams, allreduce: Callable[[Tensor], Tensor] | N
     desirable = s.c != 0
     r_d = s.logp - s.ref_logp
     r_u = s.logp_u - s.ref_logp_u
-    z = kl_estimate(s.kl_logp, s.ref_kl_logp, s.group, p.kl_clamp, allreduce)
+    z = kl_estimate(s.kl_logp, s.ref_kl_logp, s.group, p.kl_clamp, allreduce, p.kl_nonneg)
     z_i = z.repeat_interleave(s.group)
     loss_d = 1.0 - torch.sigmoid(p.beta * (r_d - z_i))
     loss_u = 1.0 - torch.sigmoid(p.beta * (z_i - r_u))
@@ -172,7 +176,8 @@ def apo_loss(s: Scores, p: LossParams, allreduce: Callable[[Tensor], Tensor] | N
         "r_D": _weighted_mean(r_d.detach(), dmask).item() if dmask.sum() > 0 else float("nan"),
         "r_U": _weighted_mean(r_u.detach(), umask).item() if umask.sum() > 0 else float("nan"),
         "kl": z.mean().item(),
-        "kl_at_clamp": (z.abs() >= p.kl_clamp - 1e-6).float().mean().item(),
+        "kl_at_clamp": ((z >= p.kl_clamp - 1e-6) | (z <= (0.0 if p.kl_nonneg else -p.kl_clamp) + 1e-6)
+                        ).float().mean().item(),
         "sum_lambda_D": ((lam * dmask).sum() / n_groups).item(),
         "sum_lambda_U": ((lam * umask).sum() / n_groups).item(),
         "loss_D": _weighted_mean(loss_d.detach(), dmask).item() if dmask.sum() > 0 else float("nan"),

@@ -79,6 +79,20 @@ def test_kl_estimate_mean_detached_clamped():
     assert_close(kl_estimate(s.kl_logp, s.ref_kl_logp, 4, 5.0, lambda x: (x + 0.3) / 2), t(0.2))
 
 
+def test_kl_nonneg_floors_the_estimate_at_zero():
+    """kl_nonneg: z = clamp(mean(...), 0, 5); a negative estimate counts as at the clamp, and KTO then scores
+    the samples against z = 0: L_D = 1 − σ(β r), L_U = 1 − σ(−β r)."""
+    neg = dict(ref_kl_logp=t(-2.0, -2.0, -2.0, -2.0))  # kl_logp − ref = −1 each → z = −1, floored to 0
+    assert_close(kl_estimate(t(-3, -3, -3, -3), t(-2, -2, -2, -2), 4, 5.0, nonneg=True), t(0.0))
+    assert_close(kl_estimate(t(-3, -3, -3, -3), t(-2, -2, -2, -2), 4, 5.0), t(-1.0))
+    assert_close(kl_estimate(t(0, 0, 0, 0), t(-9, -9, -9, -9), 4, 5.0, nonneg=True), t(5.0))
+    loss, m = kto_loss(tiny(**neg), LossParams(kl_nonneg=True))
+    want = (1 - sig(0.1 * 0.5)) + (1 - sig(0.0)) + (1 - sig(0.1 * 0.5)) + (1 - sig(-0.1 * 0.4))
+    assert_close(loss, t(want)[0])
+    assert m["kl"] == 0.0 and m["kl_at_clamp"] == 1.0
+    assert kto_loss(tiny(**neg), LossParams())[1]["kl_at_clamp"] == 0.0  # −1 is inside ±5
+
+
 def test_adaptive_lambdas_three_normalisations():
     """subset_sum: w = (l+ε)/(Σ_subset l+ε); subset_mean: /(mean_subset l+ε); batch: /(Σ_all l+ε).
     λ_D = 1 − e^{−β_D w} (c≠0), λ_U = e^{−β_U w} (c=0)."""
