@@ -102,7 +102,12 @@ def kl_estimate(kl_logp: Tensor, ref_kl_logp: Tensor, group: int, clamp: float,
     z = _grouped((kl_logp - ref_kl_logp).detach(), group).mean(dim=1)
     if allreduce is not None:
         z = allreduce(z)
-    return z.clamp(0.0 if nonneg else -clamp, clamp)
+    return z.clamp(*kl_bounds(clamp, nonneg))
+
+
+def kl_bounds(clamp: float, nonneg: bool) -> tuple[float, float]:
+    """The interval the KL estimate is clamped to."""
+    return (0.0 if nonneg else -clamp), clamp
 
 
 def adaptive_lambdas(l1: Tensor, desirable: Tensor, group: int, norm: str = "subset_sum",
@@ -160,6 +165,7 @@ def apo_loss(s: Scores, p: LossParams, allreduce: Callable[[Tensor], Tensor] | N
     r_d = s.logp - s.ref_logp
     r_u = s.logp_u - s.ref_logp_u
     z = kl_estimate(s.kl_logp, s.ref_kl_logp, s.group, p.kl_clamp, allreduce, p.kl_nonneg)
+    lo, hi = kl_bounds(p.kl_clamp, p.kl_nonneg)
     z_i = z.repeat_interleave(s.group)
     loss_d = 1.0 - torch.sigmoid(p.beta * (r_d - z_i))
     loss_u = 1.0 - torch.sigmoid(p.beta * (z_i - r_u))
@@ -176,8 +182,7 @@ def apo_loss(s: Scores, p: LossParams, allreduce: Callable[[Tensor], Tensor] | N
         "r_D": _weighted_mean(r_d.detach(), dmask).item() if dmask.sum() > 0 else float("nan"),
         "r_U": _weighted_mean(r_u.detach(), umask).item() if umask.sum() > 0 else float("nan"),
         "kl": z.mean().item(),
-        "kl_at_clamp": ((z >= p.kl_clamp - 1e-6) | (z <= (0.0 if p.kl_nonneg else -p.kl_clamp) + 1e-6)
-                        ).float().mean().item(),
+        "kl_at_clamp": ((z <= lo + 1e-6) | (z >= hi - 1e-6)).float().mean().item(),
         "sum_lambda_D": ((lam * dmask).sum() / n_groups).item(),
         "sum_lambda_U": ((lam * umask).sum() / n_groups).item(),
         "loss_D": _weighted_mean(loss_d.detach(), dmask).item() if dmask.sum() > 0 else float("nan"),

@@ -160,8 +160,9 @@ def make_policy(spec: str, task: str) -> Policy:
         return OraclePolicy(task)
     if s == "random":
         return RandomPolicy()
-    if s.partition(":")[0] in NOISY_KINDS:
-        return NOISY_KINDS[s.partition(":")[0]][0](task, _noise_level(s))
+    kind = s.partition(":")[0]
+    if kind in NOISY_KINDS:
+        return NOISY_KINDS[kind][0](task, _noise_level(s))
     from apo_ray.vla_policy import VLAPolicy
 
     return VLAPolicy(Path(s))
