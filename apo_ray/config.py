@@ -27,6 +27,8 @@ class EnvConfig:
     """A scenario name or a composition like ``position+texture``."""
     image_size: int = 64
     """Square agentview RGB size in pixels (64..224)."""
+    wrist: bool = False
+    """Add the eye-in-hand camera: images become agentview and wrist side by side, (S, 2S, 3)."""
     horizon: int = 0
     """Max control steps per episode; 0 = the task's default."""
     camera: bool = True

@@ -232,9 +232,9 @@ def validate_schema(path: Path, image_shape: tuple[int, ...] | None) -> tuple[in
                                 f"{path}, column {name}", "write episodes with apo_ray.schema.episode_table")
             shape = got[1]
             if name == S.IMAGE:
-                if len(shape) != 3 or shape[2] != 3 or shape[0] != shape[1]:
-                    raise UserError(f"image shape {shape}, expected (H, H, 3)", f"{path}, column {name}",
-                                    "store square RGB images")
+                if len(shape) != 3 or shape[2] != 3 or shape[1] not in (shape[0], 2 * shape[0]):
+                    raise UserError(f"image shape {shape}, expected (H, H, 3), or (H, 2H, 3) with the wrist view",
+                                    f"{path}, column {name}", "store square RGB images (apo-ray collect)")
                 if image_shape is not None and shape != image_shape:
                     raise UserError(f"image shape {shape} differs from the other inputs' {image_shape}",
                                     f"{path}, column {name}", "build one dataset per image size")

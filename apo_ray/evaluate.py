@@ -30,12 +30,12 @@ def eval_seeds(seed: int, episodes: int) -> list[int]:
 def evaluate(policy: str, task: str, scenario: str, episodes: int, workers: int, seed: int,
              out_dir: str | os.PathLike[str], *, videos: int = 0, image_size: int = 64, horizon: int = 0,
              address: str | None = None, resume: bool = False, progress: bool = True,
-             round_: int = 0) -> dict[str, Any]:
+             round_: int = 0, wrist: bool = False) -> dict[str, Any]:
     """Roll ``policy`` out without a corrector and score it. Writes ``out_dir/eval.json``."""
     seeds = eval_seeds(seed, episodes)
     summary = collect(task, scenario, policy, episodes, workers, seed, out_dir, round_=round_, corrector=None,
                       image_size=image_size, horizon=horizon, videos=videos, address=address, seeds=seeds,
-                      resume=resume, progress=progress, label=f"eval {scenario}")
+                      resume=resume, progress=progress, label=f"eval {scenario}", wrist=wrist)
     lo, hi = wilson_interval(summary["successes"], summary["episodes"])
     result = {
         "success_rate": summary["success_rate"],

@@ -5,11 +5,14 @@ Layout (robomimic v0.3 ``SequenceDataset`` reads it as is)::
     data.attrs: env_args (robomimic env metadata, JSON), total (steps)
     data/demo_i.attrs: num_samples, episode_id, instruction, task, scenario, seed, round, success
     data/demo_i/obs/{agentview_image (T,H,W,3) uint8, robot0_eef_pos (T,3), robot0_eef_quat (T,4) xyzw,
-                     robot0_gripper_qpos (T,2)}   (+ next_obs/ the same, shifted by one step)
+                     robot0_gripper_qpos (T,2)} (+ robot0_eye_in_hand_image (T,H,W,3) uint8 for wrist episodes)
+                     (+ next_obs/ the same, shifted by one step)
     data/demo_i/{actions (T,7), rewards (T,), dones (T,), states (T,S)}
     data/demo_i/{c (T,) int8 labels (1 policy, 2 corrector), intervention_id (T,), oracle_actions (T,7)}
 
 Images are stored as the episodes hold them (upright, from our envs); a foreign file's images are taken as is.
+An episode image of agentview + wrist side by side, (H, 2H, 3), is split into robomimic's two keys, and a file
+with both keys is read back side by side.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from apo_ray.errors import UserError
 from apo_ray.fsio import TMP_PREFIX, atomic_path
 
 OBS_IMAGE = "agentview_image"
+OBS_WRIST = "robot0_eye_in_hand_image"
 OBS_LOW_DIM = (("robot0_eef_pos", 3), ("robot0_eef_quat", 4), ("robot0_gripper_qpos", 2))
 """Splits of our 9-D proprio, in order, under robomimic's observation names."""
 
@@ -88,7 +92,12 @@ def export_hdf5(episode_dirs: Iterable[str | os.PathLike[str]], out_path: str | 
             for key in (S.SEED, S.ROUND):
                 g.attrs[key] = int(ep[key][0]) if n else 0
             g.attrs[S.SUCCESS] = bool(ep[S.SUCCESS].any())
-            obs = {OBS_IMAGE: ep[S.IMAGE]}
+            img = ep[S.IMAGE]
+            h = img.shape[1] if img.ndim == 4 else 0
+            if img.ndim == 4 and img.shape[2] == 2 * h:
+                obs = {OBS_IMAGE: img[:, :, :h], OBS_WRIST: img[:, :, h:]}
+            else:
+                obs = {OBS_IMAGE: img}
             lo = 0
             for name, dim in OBS_LOW_DIM:
                 obs[name] = ep[S.PROPRIO][:, lo: lo + dim].astype(np.float64)
@@ -151,6 +160,13 @@ def hdf5_to_episodes(path: str | os.PathLike[str]) -> Iterator[pa.Table]:
             if image.dtype != np.uint8 or image.ndim != 4 or image.shape[-1] != 3:
                 raise UserError(f"{OBS_IMAGE} is {image.dtype} {image.shape}, expected (T,H,W,3) uint8",
                                 f"{path}, key data/{k}/obs/{OBS_IMAGE}", "store RGB uint8 images")
+            if f"obs/{OBS_WRIST}" in g:
+                wrist = np.asarray(g[f"obs/{OBS_WRIST}"])
+                if wrist.dtype != np.uint8 or wrist.shape != image.shape:
+                    raise UserError(f"{OBS_WRIST} is {wrist.dtype} {wrist.shape}, expected {image.shape} uint8 "
+                                    f"like {OBS_IMAGE}", f"{path}, key data/{k}/obs/{OBS_WRIST}",
+                                    "store both views as RGB uint8 of one size")
+                image = np.concatenate([image, wrist], axis=2)
             proprio = np.concatenate([np.asarray(g[f"obs/{name}"], dtype=np.float32) for name, _ in OBS_LOW_DIM],
                                      axis=1)
             attrs = dict(g.attrs)

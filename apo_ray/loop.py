@@ -248,7 +248,7 @@ class Loop:
             n, videos = self.cfg.loop.rollouts_per_round, c.videos
         return collect(e.task, st.scenario, policy, n, c.workers, seed, work, round_=st.round, corrector=corrector,
                        image_size=e.image_size, horizon=e.horizon, videos=videos, address=self.address,
-                       resume=True, progress=self.progress, label=st.key)
+                       resume=True, progress=self.progress, label=st.key, wrist=e.wrist)
 
     def _episode_dirs(self, rnd: int, src: str) -> list[str]:
         """All interaction data an arm has gathered in rounds 1..rnd (data accumulates across rounds)."""
@@ -302,7 +302,7 @@ class Loop:
         ev, e = self.cfg.eval, self.cfg.env
         return evaluate(self.checkpoint(st.round, st.arm), e.task, st.scenario, ev.episodes, ev.workers, ev.seed,
                         work, videos=ev.videos, image_size=e.image_size, horizon=e.horizon, address=self.address,
-                        resume=True, progress=self.progress, round_=st.round)
+                        resume=True, progress=self.progress, round_=st.round, wrist=e.wrist)
 
     # ---- driver
 

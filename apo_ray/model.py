@@ -125,7 +125,8 @@ class TinyVLAConfig(PretrainedConfig):
     def __init__(self, vision_kind: str = "resnet", vision_config: dict | None = None,
                  text_config: dict | None = None, image_size: int = 64, use_proprio: bool = False,
                  proprio_dim: int = 9, n_image_tokens: int = 16, proprio_mean: list[float] | None = None,
-                 proprio_std: list[float] | None = None, coord_channels: bool = False, **kwargs: Any) -> None:
+                 proprio_std: list[float] | None = None, coord_channels: bool = False, image_views: int = 1,
+                 **kwargs: Any) -> None:
         self.vision_kind = vision_kind
         self.vision_config = vision_config or {}
         self.text_config = text_config or {}
@@ -134,6 +135,7 @@ class TinyVLAConfig(PretrainedConfig):
         self.proprio_dim = proprio_dim
         self.n_image_tokens = n_image_tokens
         self.coord_channels = coord_channels
+        self.image_views = image_views  # views tiled side by side: the image is (S, views·S)
         # the training data's proprio statistics: raw eef positions vary by centimetres around a ~1 m offset,
         # which a linear layer cannot resolve without standardising first
         self.proprio_mean = list(proprio_mean) if proprio_mean is not None else [0.0] * proprio_dim
@@ -230,8 +232,10 @@ class TinyVLA(PreTrainedModel):
                         logits_to_keep=logits_to_keep, cache=cache, use_cache=use_cache)
 
 
-def tiny_config(mc: ModelConfig, image_size: int = 64, proprio_stats: dict | None = None) -> TinyVLAConfig:
-    """Default: 64×64 image → ResNet stages to a 4×4 grid = 16 image tokens; hidden 128, 4-layer Llama."""
+def tiny_config(mc: ModelConfig, image_size: int = 64, proprio_stats: dict | None = None,
+                image_views: int = 1) -> TinyVLAConfig:
+    """Default: 64×64 image → ResNet stages to a 4×4 grid = 16 image tokens; hidden 128, 4-layer Llama.
+    With ``image_views`` views tiled side by side the grid is 4×(4·views), the same encoder over every view."""
     grid = image_size // mc.patch_size
     if grid < 1 or image_size % mc.patch_size:
         raise UserError(f"image_size {image_size} is not a multiple of model.patch_size {mc.patch_size}",
@@ -257,7 +261,7 @@ def tiny_config(mc: ModelConfig, image_size: int = 64, proprio_stats: dict | Non
         v = mc.vision_hidden_size
         vision = dict(widths=[max(8, v >> (n - 1 - i)) for i in range(n)], num_channels=chans)
     else:
-        vision = dict(image_size=image_size, patch_size=mc.patch_size, num_channels=chans,
+        vision = dict(image_size=[image_size, image_size * image_views], patch_size=mc.patch_size, num_channels=chans,
                       hidden_size=mc.vision_hidden_size, num_hidden_layers=mc.vision_layers,
                       num_attention_heads=max(1, mc.vision_hidden_size // 32),
                       intermediate_size=4 * mc.vision_hidden_size)
@@ -266,9 +270,9 @@ def tiny_config(mc: ModelConfig, image_size: int = 64, proprio_stats: dict | Non
                 num_key_value_heads=mc.num_heads, max_position_embeddings=256, pad_token_id=PAD_ID,
                 bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False)
     return TinyVLAConfig(vision_kind=mc.vision, vision_config=vision, text_config=text, image_size=image_size,
-                         use_proprio=mc.use_proprio, n_image_tokens=grid * grid,
+                         use_proprio=mc.use_proprio, n_image_tokens=grid * grid * image_views,
                          proprio_mean=(proprio_stats or {}).get("mean"), proprio_std=(proprio_stats or {}).get("std"),
-                         coord_channels=mc.coord_channels)
+                         coord_channels=mc.coord_channels, image_views=image_views)
 
 
 # ----------------------------------------------------------------------------------------- inputs/meta
@@ -286,6 +290,8 @@ class VLAMeta:
     bos_id: int
     action_stats: dict
     default_instruction: str = ""
+    image_views: int = 1
+    """Camera views tiled side by side in one image: agentview (1) or agentview + wrist (2)."""
     base_path: str = ""
     """kind hf: the base model directory the LoRA adapter belongs to."""
     model: dict | None = None
@@ -296,7 +302,7 @@ class VLAMeta:
 
 @dataclass
 class VLAInputs:
-    """A batch of N prompts. pixel_values (N,3,S,S) float in [-1,1]; input_ids/attention_mask (N,P) prompt,
+    """A batch of N prompts. pixel_values (N,3,S,views·S) float in [-1,1]; input_ids/attention_mask (N,P) prompt,
     left-padded, starting with BOS; proprio (N,9) float32 or None."""
 
     pixel_values: torch.Tensor
@@ -334,9 +340,14 @@ class Processor:
 
     def images(self, images: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        if x.shape[-1] != self.meta.image_size or x.shape[-2] != self.meta.image_size:
-            x = F.interpolate(x, size=(self.meta.image_size, self.meta.image_size), mode="bilinear",
-                              align_corners=False, antialias=True)
+        views, (h, w) = self.meta.image_views, x.shape[-2:]
+        if w != views * h:
+            have = "agentview + wrist" if w == 2 * h else "one view"
+            raise UserError(f"the policy takes {views} camera view(s) per image, the env gives {w}x{h} ({have})",
+                            "env.wrist / --wrist", f"{'set' if views > 1 else 'unset'} wrist to match the policy")
+        size = self.meta.image_size
+        if h != size:
+            x = F.interpolate(x, size=(size, size * views), mode="bilinear", align_corners=False, antialias=True)
         return x
 
     def __call__(self, images: np.ndarray, instructions: list[str], proprio: np.ndarray | None = None) -> VLAInputs:
@@ -504,19 +515,22 @@ def _core(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------------ build/save/load
 def build_model(mc: ModelConfig, action_stats: dict, image_size: int = 64, instructions: list[str] | tuple = (),
-                seed: int = 0, proprio_stats: dict | None = None):
+                seed: int = 0, proprio_stats: dict | None = None, image_views: int = 1):
     """A fresh model + processor. kind tiny: from configs; kind hf: the local VLA at ``mc.path`` (+ LoRA)."""
     if mc.kind == "hf":
+        if image_views != 1:
+            raise UserError("model.kind hf takes one camera view; the data has agentview + wrist images",
+                            "config env.wrist", "collect the data with env.wrist: false")
         return load_hf(mc, action_stats, image_size)
     if mc.kind != "tiny":
         raise UserError(f"unknown model.kind '{mc.kind}'", "config model.kind", "use tiny or hf")
     torch.manual_seed(seed)
-    model = TinyVLA(tiny_config(mc, image_size, proprio_stats))
+    model = TinyVLA(tiny_config(mc, image_size, proprio_stats, image_views))
     tok = build_tokenizer(list(instructions))
     uniq = sorted(set(instructions))
     meta = VLAMeta(kind="tiny", image_size=image_size, use_proprio=mc.use_proprio, action_offset=VOCAB_SIZE - N_BINS,
                    eos_id=EOS_ID, pad_id=PAD_ID, bos_id=BOS_ID, action_stats=_plain(action_stats),
-                   default_instruction=uniq[0] if len(uniq) == 1 else "", model=asdict(mc))
+                   default_instruction=uniq[0] if len(uniq) == 1 else "", image_views=image_views, model=asdict(mc))
     return model, Processor(tok, meta)
 
 

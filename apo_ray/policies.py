@@ -152,6 +152,16 @@ def check_policy_spec(spec: str) -> None:
     check_checkpoint(s)
 
 
+def policy_views(spec: str) -> int:
+    """Camera views a policy's images tile: a checkpoint's own count (its metadata only), 1 for scripted ones."""
+    s = spec.strip()
+    if s in ("oracle", "random") or s.partition(":")[0] in NOISY_KINDS:
+        return 1
+    from apo_ray.model import read_meta
+
+    return int(read_meta(s).get("image_views", 1))
+
+
 def make_policy(spec: str, task: str) -> Policy:
     """Build the policy a spec names (validated with ``check_policy_spec``)."""
     s = spec.strip()

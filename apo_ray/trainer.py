@@ -71,8 +71,12 @@ def _inspect_dataset(data_dir: Path) -> dict[str, Any]:
     first = read_table(shards[0], columns=["image"]).slice(0, 1)
 
     img = column_to_numpy(first.column("image"))  # (1, B, H, W, 3)
+    h, w = int(img.shape[2]), int(img.shape[3])
+    if w not in (h, 2 * h):
+        raise UserError(f"images are {w}x{h}; expected square (agentview) or 2:1 (agentview + wrist)",
+                        str(shards[0]), "collect the data with apo-ray collect")
     return {"manifest": manifest, "shards": [str(s) for s in shards], "rows": rows,
-            "batch_size": int(img.shape[1]), "image_size": int(img.shape[2]),
+            "batch_size": int(img.shape[1]), "image_size": h, "image_views": w // h,
             "instructions": sorted(instructions), "c_counts": c_counts.tolist(),
             "proprio_stats": proprio_stats(np.concatenate(proprio)),
             "has_ref": all(c in schema.names for c in REF_COLUMNS),
@@ -212,6 +216,10 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
         init = str(p.resolve())
         init_meta = read_meta(init)
         _check_model_config(init, init_meta, cfg)
+        if int(init_meta.get("image_views", 1)) != info["image_views"]:
+            raise UserError(f"the --init checkpoint takes {init_meta.get('image_views', 1)} camera view(s), the "
+                            f"dataset's images have {info['image_views']}", str(data_dir),
+                            "build the dataset from episodes collected with the same env.wrist as the checkpoint")
         _check_action_stats(info, init, init_meta)
     _check_vocab(info, init_meta, cfg)
     ref_mode = _reference_mode(cfg, info, init)
@@ -230,6 +238,7 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
     fsio.write_json(out_dir / "config.json", cfg.to_dict())
     loop_cfg = {"cfg": cfg.to_dict(), "init": init, "out_dir": str(out_dir.resolve()), "ref_mode": ref_mode,
                 "action_stats": info["manifest"]["action_stats"], "image_size": info["image_size"],
+                "image_views": info["image_views"],
                 "proprio_stats": (info["proprio_stats"]
                                   if init == "scratch" and cfg.model.use_proprio and cfg.model.kind == "tiny" else None),
                 "instructions": info["instructions"], "group": info["batch_size"],
@@ -371,7 +380,7 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
     # -- model + frozen reference (built from init, never from the resumed policy)
     if lc["init"] == "scratch":
         model, proc = M.build_model(mc, lc["action_stats"], lc["image_size"], lc["instructions"], seed=t.seed,
-                                    proprio_stats=lc.get("proprio_stats"))
+                                    proprio_stats=lc.get("proprio_stats"), image_views=lc.get("image_views", 1))
     else:
         model, proc, _ = M.load_policy(lc["init"], trainable=True)
         model.requires_grad_(True) if proc.meta.kind == "tiny" else None

@@ -95,7 +95,7 @@ def ms_per_action(policy: VLAPolicy, batch: int = 1, repeats: int = 20, seed: in
     """Wall-clock milliseconds per returned action (one observation's 7-D action) at the given batch size."""
     rng = np.random.default_rng(seed)
     s = policy.meta.image_size
-    obs = [{"image": rng.integers(0, 256, (s, s, 3), dtype=np.uint8),
+    obs = [{"image": rng.integers(0, 256, (s, s * policy.meta.image_views, 3), dtype=np.uint8),
             "proprio": rng.standard_normal(9).astype(np.float32)} for _ in range(batch)]
     policy.act(obs)  # warm-up
     t0 = time.perf_counter()

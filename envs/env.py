@@ -14,7 +14,7 @@ import numpy as np
 
 from apo_ray.errors import UserError
 from envs import scenarios as sc
-from envs.tasks import env_meta, get_task, install_mujoco_py_stub
+from envs.tasks import WRIST_CAMERA, env_meta, get_task, install_mujoco_py_stub
 
 
 def apply_cheap_render(env: Any, size: int) -> None:
@@ -43,11 +43,14 @@ def _upload_textures(env: Any) -> None:
 
 
 class TaskEnv:
-    """obs = {"image": (H,W,3) uint8 agentview upright (camera only), "proprio": (9,) float32
-    (eef pos, eef quat xyzw, 2 finger qpos), "privileged": dict of numpy arrays}."""
+    """obs = {"image": (S,S,3) uint8 agentview upright (camera only), "proprio": (9,) float32
+    (eef pos, eef quat xyzw, 2 finger qpos), "privileged": dict of numpy arrays}.
+
+    With ``wrist``, "image" is (S,2S,3): agentview and the eye-in-hand view side by side, so every stage that
+    stores, shows or encodes one image handles both views unchanged."""
 
     def __init__(self, task: str, scenario: str = "nominal", image_size: int = 64, camera: bool = True,
-                 cheap_render: bool = True, horizon: int = 0) -> None:
+                 cheap_render: bool = True, horizon: int = 0, wrist: bool = False) -> None:
         if camera and not 64 <= image_size <= 224:
             raise UserError(f"image size {image_size} out of range", "image_size", "use a value in 64..224")
         os.environ.setdefault("MUJOCO_GL", "egl")
@@ -62,7 +65,8 @@ class TaskEnv:
         self.horizon = horizon or self.task.horizon
         self.image_size = image_size
         self.camera = camera
-        self.env_meta = env_meta(self.task, camera=camera, image_size=image_size)
+        self.wrist = camera and wrist
+        self.env_meta = env_meta(self.task, camera=camera, image_size=image_size, wrist=self.wrist)
         # robosuite draws model-build randomness (e.g. Lift's cube size) from the global RNG at construction:
         # fix it so every process builds the identical model and a seed alone determines the episode
         np.random.seed(0)
@@ -133,7 +137,9 @@ class TaskEnv:
             "privileged": self._privileged(raw, eef_pos, eef_quat, grip),
         }
         if self.camera:
-            obs["image"] = np.ascontiguousarray(raw["agentview_image"][::-1])  # robosuite renders upside down
+            views = [raw["agentview_image"], *([raw[f"{WRIST_CAMERA}_image"]] if self.wrist else [])]
+            # robosuite renders upside down
+            obs["image"] = np.ascontiguousarray(np.concatenate([v[::-1] for v in views], axis=1))
         return obs
 
     def _privileged(self, raw: dict[str, Any], eef_pos: np.ndarray, eef_quat: np.ndarray,

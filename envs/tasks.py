@@ -75,7 +75,11 @@ def install_mujoco_py_stub() -> None:
         sys.modules["mujoco_py"] = stub
 
 
-def env_meta(task: TaskSpec, *, camera: bool, image_size: int, hard_reset: bool = False) -> dict[str, Any]:
+WRIST_CAMERA = "robot0_eye_in_hand"
+
+
+def env_meta(task: TaskSpec, *, camera: bool, image_size: int, hard_reset: bool = False,
+             wrist: bool = False) -> dict[str, Any]:
     """robomimic env metadata (type 1 = robosuite) for one task; JSON-serializable."""
     from robosuite.controllers import load_controller_config
 
@@ -87,5 +91,6 @@ def env_meta(task: TaskSpec, *, camera: bool, image_size: int, hard_reset: bool 
         "reward_shaping": False,
     }
     if camera:
-        kwargs.update(camera_names=["agentview"], camera_heights=image_size, camera_widths=image_size)
+        kwargs.update(camera_names=["agentview", WRIST_CAMERA] if wrist else ["agentview"],
+                      camera_heights=image_size, camera_widths=image_size)
     return {"env_name": task.env_name, "type": 1, "env_kwargs": kwargs}

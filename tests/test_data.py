@@ -91,8 +91,9 @@ def test_pools_slots_schedule() -> None:
 
 
 def episode(eid: str, c: list[int], *, actions: np.ndarray | None = None, oracle_actions: np.ndarray | None = None,
-            instruction: str = "lift the cube") -> pa.Table:
-    """Actions are distinct per step (a[0] = 0.01 * t + 0.1, gripper ±1) so rows can be traced in the output."""
+            instruction: str = "lift the cube", views: int = 1) -> pa.Table:
+    """Actions are distinct per step (a[0] = 0.01 * t + 0.1, gripper ±1) so rows can be traced in the output.
+    ``views=2``: agentview + wrist side by side, the wrist half 100 levels brighter."""
     n = len(c)
     t = np.arange(n)
     if actions is None:
@@ -102,7 +103,8 @@ def episode(eid: str, c: list[int], *, actions: np.ndarray | None = None, oracle
     iid = np.full(n, -1)
     steps = {
         S.EPISODE_ID: eid, S.ROUND: 0, S.TASK: "lift", S.SCENARIO: "nominal", S.SEED: 0, S.T: t.astype(np.int32),
-        S.IMAGE: np.full((n, IMG, IMG, 3), 7, np.uint8) + t[:, None, None, None].astype(np.uint8),
+        S.IMAGE: (np.full((n, IMG, IMG * views, 3), 7, np.uint8) + t[:, None, None, None].astype(np.uint8)
+                  + np.repeat(np.arange(views, dtype=np.uint8) * 100, IMG)[None, None, :, None]),
         S.PROPRIO: np.zeros((n, 9), np.float32), S.ACTION: actions,
         S.ORACLE_ACTION: actions if oracle_actions is None else oracle_actions,
         S.C: np.array(c, np.int8), S.INTERVENTION_ID: iid.astype(np.int32), S.REWARD: np.zeros(n, np.float32),

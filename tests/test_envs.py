@@ -70,6 +70,23 @@ def test_observation_contract(lift_cam):
     assert done is False and info == {"success": False}
 
 
+def test_wrist_view_sits_beside_an_unchanged_agentview(lift_cam):
+    wrist = envs.TaskEnv("lift", image_size=64, wrist=True)
+    try:
+        _, both = _oracle_steps(wrist, 3, 6)
+        _, alone = _oracle_steps(lift_cam, 3, 6)
+        assert both[0].shape == (64, 128, 3) and both[0].dtype == np.uint8
+        for b, a in zip(both, alone, strict=True):
+            np.testing.assert_array_equal(b[:, :64], a)  # the second camera changes nothing in the first
+        first = wrist.reset(3)["image"]  # at reset the observation is rendered at the current state
+        raw = wrist.env.sim.render(camera_name="robot0_eye_in_hand", width=64, height=64)
+        np.testing.assert_array_equal(first[:, 64:], raw[::-1])
+        assert not np.array_equal(both[0][:, 64:], both[-1][:, 64:])  # it moves with the gripper
+        assert wrist.env_meta["env_kwargs"]["camera_names"] == ["agentview", "robot0_eye_in_hand"]
+    finally:
+        wrist.close()
+
+
 def test_determinism_same_seed_same_episode(lift_cam):
     s1, i1 = _oracle_steps(lift_cam, 3, 12)
     _oracle_steps(lift_cam, 4, 5)  # another episode in between must not leak into the next

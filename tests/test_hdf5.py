@@ -72,6 +72,24 @@ def test_hdf5_reads_back_as_expert_episodes(episodes_dir: Path, tmp_path: Path) 
     assert S.env_meta_of(back.schema) == ENV_META
 
 
+def test_wrist_images_export_as_robomimics_two_views_and_read_back_side_by_side(tmp_path: Path) -> None:
+    eps = write(tmp_path / "episodes", {"w0": episode("w0", [1, 2, 1], views=2)})
+    out = tmp_path / "wrist.hdf5"
+    export_hdf5([eps], out)
+    orig = S.column_to_numpy(pq.read_table(eps / "w0.parquet")[S.IMAGE])
+    with h5py.File(out, "r") as f:
+        np.testing.assert_array_equal(f["data/demo_0/obs/agentview_image"][:], orig[:, :, :IMG])
+        np.testing.assert_array_equal(f["data/demo_0/obs/robot0_eye_in_hand_image"][:], orig[:, :, IMG:])
+        assert f["data/demo_0/obs/robot0_eye_in_hand_image"][0, 0, 0, 0] == 107  # the wrist half
+    back = next(hdf5_to_episodes(out))
+    np.testing.assert_array_equal(S.column_to_numpy(back[S.IMAGE]), orig)
+    with h5py.File(out, "a") as f:  # a wrist view of another size cannot sit beside agentview
+        del f["data/demo_0/obs/robot0_eye_in_hand_image"]
+        f["data/demo_0/obs/robot0_eye_in_hand_image"] = np.zeros((3, IMG, IMG + 2, 3), np.uint8)
+    with pytest.raises(UserError, match="robot0_eye_in_hand_image is uint8"):
+        next(hdf5_to_episodes(out))
+
+
 def test_bad_hdf5(tmp_path: Path) -> None:
     p = tmp_path / "x.hdf5"
     with h5py.File(p, "w") as f:

@@ -220,3 +220,31 @@ def test_bf16_scoring_on_gpu(tiny):
     sc = M.score_actions(m, inp.to("cuda", torch.bfloat16), [toks.cuda()], proc.meta)[0]
     assert torch.isfinite(sc.logp).all()
     model.to("cpu", torch.float32)
+
+
+@pytest.mark.parametrize("vision", ["resnet", "vit"])
+def test_wrist_view_doubles_the_image_tokens_and_is_required(vision, tmp_path):
+    mc = dataclasses.replace(MC, vision=vision)
+    model, proc = M.build_model(mc, STATS, 64, ["lift the cube"], seed=0, image_views=2)
+    rng = np.random.default_rng(0)
+    both = rng.integers(0, 256, (3, 64, 128, 3), dtype=np.uint8)
+    inp = proc(both, ["lift the cube"] * 3)
+    assert inp.pixel_values.shape == (3, 3, 64, 128)
+    emb = model.encode_images(inp.pixel_values)
+    assert emb.shape == (3, 32, MC.hidden_size) and model.config.n_image_tokens == 32
+    # the wrist half reaches the tokens: changing only it changes the embedding
+    other = both.copy()
+    other[:, :, 64:] = 255 - other[:, :, 64:]
+    assert not torch.allclose(model.encode_images(proc(other, ["lift the cube"] * 3).pixel_values), emb)
+    # a larger render is resized per view, keeping the 2:1 layout
+    assert proc.images(rng.integers(0, 256, (1, 96, 192, 3), dtype=np.uint8)).shape == (1, 3, 64, 128)
+    with pytest.raises(UserError, match="takes 2 camera view"):
+        proc(both[:, :, :64], ["lift the cube"] * 3)  # agentview alone
+    _, one_view = M.build_model(mc, STATS, 64, ["lift the cube"], seed=0)
+    with pytest.raises(UserError, match="takes 1 camera view"):
+        one_view(both, ["lift the cube"] * 3)
+    m2, p2, _ = M.load_policy(M.save_checkpoint(model.eval(), proc, tmp_path / "ck"))
+    assert p2.meta.image_views == 2
+    toks = torch.randint(M.VOCAB_SIZE - 256, M.VOCAB_SIZE, (3, 7))
+    torch.testing.assert_close(M.score_actions(m2, p2(both, ["lift the cube"] * 3), [toks], p2.meta)[0].logp,
+                               M.score_actions(model, inp, [toks], proc.meta)[0].logp, atol=0, rtol=0)

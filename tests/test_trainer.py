@@ -275,3 +275,35 @@ def test_driver_sigkill_resumes_from_last_checkpoint(tmp_path, built):
     assert m["step"] == rows * 30 and m["final"]
     assert m["resumed_from_step"] >= 2 and m["resumed_from_step"] % 2 == 0
     assert m["samples_seen"] == (m["step"] - m["resumed_from_step"]) * B
+
+
+@pytest.mark.ray
+def test_wrist_view_runs_collect_to_train_to_eval(tmp_path, ray_local, init_ckpt):
+    """env.wrist end to end on real robosuite: oracle demos with both views → the real data pipeline → a scratch
+    model with 2 views → eval, which turns the wrist camera on from the checkpoint alone; a 1-view --init on
+    2-view data is refused."""
+    from apo_ray import model as M
+    from apo_ray.config import DataConfig
+    from apo_ray.data import build_dataset
+    from apo_ray.evaluate import evaluate
+    from apo_ray.rollout import collect
+    from apo_ray.schema import column_to_numpy, read_table
+    from apo_ray.trainer import train
+
+    collect("lift", "nominal", "oracle", 2, 1, 0, tmp_path / "demos", corrector=None, horizon=12, wrist=True,
+            progress=False)
+    ep = read_table(next((tmp_path / "demos" / "episodes").glob("*.parquet")), columns=["image"])
+    assert column_to_numpy(ep.column("image")).shape == (12, 64, 128, 3)
+    build_dataset([], [tmp_path / "demos" / "episodes"], tmp_path / "ds", DataConfig(), vocab_size=M.VOCAB_SIZE)
+    cfg = tiny_cfg(objective="bc", max_steps=2)
+    train(tmp_path / "ds", "scratch", tmp_path / "bc", cfg)
+    assert M.read_meta(tmp_path / "bc")["image_views"] == 2
+    model, _, _ = M.load_policy(tmp_path / "bc")
+    assert model.config.n_image_tokens == 32
+    r = evaluate(str(tmp_path / "bc" / "checkpoint"), "lift", "nominal", 1, 1, 100, tmp_path / "ev", horizon=3,
+                 progress=False)
+    assert r["episodes"] == 1
+    ev = read_table(next((tmp_path / "ev" / "episodes").glob("*.parquet")), columns=["image"])
+    assert column_to_numpy(ev.column("image")).shape == (3, 64, 128, 3)
+    with pytest.raises(UserError, match="takes 1 camera view"):
+        train(tmp_path / "ds", init_ckpt, tmp_path / "ft", cfg)

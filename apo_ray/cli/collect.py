@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (new or empty unless --resume)")
     p.add_argument("--videos", type=int, default=0, help="write MP4s of the first N episodes")
     p.add_argument("--image-size", type=int, default=64, help="agentview RGB size (64..224)")
+    p.add_argument("--wrist", action="store_true",
+                   help="add the eye-in-hand view beside agentview (on by itself for a checkpoint trained with it)")
     p.add_argument("--horizon", type=int, default=0, help="max steps per episode (0 = task default)")
     p.add_argument("--no-corrector", action="store_true", help="let the policy act alone (c=1 everywhere)")
     p.add_argument("--config", help="YAML config whose `corrector` section tunes the triggers")
@@ -45,6 +47,6 @@ def run(args: argparse.Namespace) -> int:
     corrector = None if args.no_corrector else cfg.corrector
     summary = collect(args.task, args.scenario, args.policy, args.episodes, args.workers, args.seed, args.out,
                       round_=args.round_, corrector=corrector, image_size=args.image_size,
-                      horizon=args.horizon, videos=args.videos, address=args.address, resume=args.resume)
+                      horizon=args.horizon, wrist=args.wrist, videos=args.videos, address=args.address, resume=args.resume)
     print(json.dumps(summary))
     return 0

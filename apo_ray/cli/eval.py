@@ -18,6 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=100_000, help="first evaluation seed (held out from collection)")
     p.add_argument("--videos", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--wrist", action="store_true",
+                   help="add the eye-in-hand view beside agentview (on by itself for a checkpoint trained with it)")
     p.add_argument("--horizon", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     fsio.refuse_source_tree(args.out, "--out")
     result = evaluate(args.policy, args.task, args.scenario, args.episodes, args.workers, args.seed, args.out,
-                      videos=args.videos, image_size=args.image_size, horizon=args.horizon,
+                      videos=args.videos, image_size=args.image_size, horizon=args.horizon, wrist=args.wrist,
                       address=args.address, resume=args.resume)
     print(json.dumps(result))
     return 0
