@@ -27,7 +27,7 @@ GOALS = {"cached_vs_live_speed": 1.25, "cached_vs_live_memory": 0.7, "ours_vs_pa
 
 
 TRAIN_OPTIONS = ("micro_batch", "grad_accum", "steps", "warmup", "hidden", "layers", "image_size", "threads",
-                 "variants")
+                 "lora_r", "variants")
 
 
 def _rss_mb() -> float:
@@ -138,6 +138,8 @@ def _setup(opts: dict):
     stats = {"q01": [-1.0] * 7, "q99": [1.0] * 7}
     mc = ModelConfig(hidden_size=opts["hidden"], num_layers=opts["layers"])
     policy, proc = M.build_model(mc, stats, size, ["lift the cube"], seed=0)
+    if opts["lora_r"]:  # as model.kind hf fine-tunes: frozen base, trainable adapters
+        policy = M.with_lora(policy, opts["lora_r"], 2 * opts["lora_r"])
     tokens = rng.integers(0, 256, (n, 7)) + proc.meta.action_offset
     return policy, proc, images, tokens, np.tile(c_pattern, n // group)
 
@@ -177,7 +179,7 @@ def _run_variant(variant: str, opts: dict, cached_cols: dict | None, q) -> None:
     else:
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.train()
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=1e-5)
     p = LossParams()
     times = []
     for i in range(opts["warmup"] + opts["steps"]):

@@ -534,6 +534,18 @@ def build_model(mc: ModelConfig, action_stats: dict, image_size: int = 64, instr
     return model, Processor(tok, meta)
 
 
+def with_lora(model: nn.Module, r: int, alpha: int) -> nn.Module:
+    """``model`` with rank-``r`` LoRA adapters on every linear layer (peft); only the adapters train."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5 (FutureWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                                                target_modules="all-linear", init_lora_weights="gaussian"))
+
+
 def load_hf(mc: ModelConfig, action_stats: dict, image_size: int = 224):
     """Load a local HF VLA directory (``trust_remote_code``) and wrap it with a LoRA adapter via peft."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -556,10 +568,7 @@ def load_hf(mc: ModelConfig, action_stats: dict, image_size: int = 224):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     if mc.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=mc.lora_r, lora_alpha=mc.lora_alpha, lora_dropout=0.0,
-                                                 target_modules="all-linear", init_lora_weights="gaussian"))
+        model = with_lora(model, mc.lora_r, mc.lora_alpha)
     vocab = int(getattr(tok, "vocab_size", len(tok)))
     size = int(getattr(cfg, "image_size", 0) or image_size)
     meta = VLAMeta(kind="hf", image_size=size, use_proprio=False, action_offset=vocab - N_BINS,

@@ -41,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--layers", type=int, default=4)
     t.add_argument("--image-size", type=int, default=64)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    t.add_argument("--lora-r", type=int, default=0,
+                   help="wrap the policy in rank-R LoRA adapters (frozen base), as model.kind hf trains; 0 = full")
     t.add_argument("--variants", default="cached,live,paper")
     t.set_defaults(func=run, bench_module="apo_ray.bench_train", bench_fn="bench_train")
 
