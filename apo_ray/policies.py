@@ -152,10 +152,16 @@ def check_policy_spec(spec: str) -> None:
     check_checkpoint(s)
 
 
+def is_scripted(spec: str) -> bool:
+    """True for the oracle-based and random policies, False for a checkpoint directory."""
+    s = spec.strip()
+    return s in ("oracle", "random") or s.partition(":")[0] in NOISY_KINDS
+
+
 def policy_views(spec: str) -> int:
     """Camera views a policy's images tile: a checkpoint's own count (its metadata only), 1 for scripted ones."""
     s = spec.strip()
-    if s in ("oracle", "random") or s.partition(":")[0] in NOISY_KINDS:
+    if is_scripted(s):
         return 1
     from apo_ray.model import read_meta
 

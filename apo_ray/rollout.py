@@ -23,7 +23,7 @@ from apo_ray import schema as S
 from apo_ray.config import CorrectorConfig
 from apo_ray.errors import UserError
 from apo_ray.fsio import sweep_tmp, write_json, write_parquet
-from apo_ray.policies import check_policy_spec, make_policy, policy_views
+from apo_ray.policies import check_policy_spec, is_scripted, make_policy, policy_views
 
 EPISODES_DIR = "episodes"
 VIDEOS_DIR = "videos"
@@ -216,7 +216,11 @@ def collect(task: str, scenario: str, policy: str, episodes: int, workers: int, 
     turns it on itself. Returns the summary dict (also written to ``out_dir/collect.json``).
     """
     validate_request(task, scenario, policy, episodes, workers)
-    wrist = wrist or policy_views(policy) > 1
+    views = policy_views(policy)
+    if wrist and views == 1 and not is_scripted(policy):
+        raise UserError("the policy checkpoint takes agentview alone; the wrist camera would change its images",
+                        policy, "drop --wrist (env.wrist) for this checkpoint")
+    wrist = wrist or views > 1
     out = Path(out_dir)
     _check_out_dir(out, resume)
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(episodes)]
