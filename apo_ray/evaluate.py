@@ -44,6 +44,7 @@ def evaluate(policy: str, task: str, scenario: str, episodes: int, workers: int,
         "successes": summary["successes"],
         "mean_length": summary["mean_length"],
         "mean_success_length": summary["mean_success_length"],
+        "stalled_failures": summary["stalled_failures"],  # failures that froze (rollout.stalled)
         "task": task, "scenario": scenario, "policy": policy, "seeds": [seeds[0], seeds[-1]],
         "env_steps_per_s": summary["env_steps_per_s"],
     }

@@ -27,6 +27,17 @@ from apo_ray.policies import check_policy_spec, is_scripted, make_policy, policy
 
 EPISODES_DIR = "episodes"
 VIDEOS_DIR = "videos"
+STALL_STEPS = 20
+"""A failed episode whose last STALL_STEPS actions are all near-idle stalled (froze) rather than erred."""
+IDLE_MOTION = 0.05
+"""Σ|a[:6]| below which an action is near-idle (the dataset's default idle filter)."""
+
+
+def stalled(actions: np.ndarray, success: bool) -> bool:
+    """True for a failure that ends frozen: its last STALL_STEPS actions move (Σ|a[:6]|) less than IDLE_MOTION."""
+    tail = np.asarray(actions)[-STALL_STEPS:]
+    return (not success and len(tail) == STALL_STEPS
+            and bool((np.abs(tail[:, :6]).sum(axis=1) < IDLE_MOTION).all()))
 
 
 def episode_id(task: str, scenario: str, round_: int, seed: int) -> str:
@@ -41,6 +52,7 @@ class EpisodeStats:
     success: bool
     intervention_steps: int
     interventions: int
+    stalled: bool = False
 
     @staticmethod
     def of_table(table: Any) -> EpisodeStats:
@@ -54,6 +66,8 @@ class EpisodeStats:
             success=bool(table.column(S.SUCCESS)[0].as_py()) if n else False,
             intervention_steps=int((c == S.C_CORRECTOR).sum()),
             interventions=len(set(iid[iid >= 0].tolist())),
+            stalled=(S.ACTION in table.column_names and n > 0
+                     and stalled(S.column_to_numpy(table.column(S.ACTION)), bool(table.column(S.SUCCESS)[0].as_py()))),
         )
 
 
@@ -163,7 +177,7 @@ def validate_request(task: str, scenario: str, policy: str, episodes: int, worke
 
 
 def read_episode_stats(path: Path) -> EpisodeStats:
-    cols = [S.EPISODE_ID, S.SEED, S.C, S.INTERVENTION_ID, S.SUCCESS]
+    cols = [S.EPISODE_ID, S.SEED, S.C, S.INTERVENTION_ID, S.SUCCESS, S.ACTION]
     return EpisodeStats.of_table(pq.read_table(path, columns=cols))
 
 
@@ -181,6 +195,7 @@ def summarize(stats: list[EpisodeStats], wall_s: float, new_steps: int) -> dict[
         "env_steps_per_s": round(new_steps / wall_s, 2) if wall_s > 0 else 0.0,
         "mean_length": sum(s.steps for s in stats) / n if n else 0.0,
         "mean_success_length": (sum(s.steps for s in stats if s.success) / successes) if successes else None,
+        "stalled_failures": sum(s.stalled for s in stats),
     }
 
 

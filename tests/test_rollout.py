@@ -161,3 +161,23 @@ def test_non_empty_or_unwritable_out_dir(tmp_path):
     blocker.write_text("x")
     r = _cli(["collect", "--task", "lift", "--out", str(blocker / "sub")])
     assert r.returncode == 2 and "not writable" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_stalled_marks_failures_that_end_frozen():
+    from apo_ray.rollout import STALL_STEPS, EpisodeStats, stalled
+    from tests.test_data import episode
+
+    moving = np.zeros((STALL_STEPS + 5, 7), np.float32)
+    moving[:, 2] = 1.0  # lifting
+    frozen = moving.copy()
+    frozen[5:, :6] = 0.01  # Σ|a[:6]| = 0.06 ≥ 0.05 is still moving ...
+    assert not stalled(frozen, False)
+    frozen[5:, :6] = 0.008  # ... 0.048 is not
+    frozen[5:, 6] = 1.0  # the gripper command does not count
+    assert stalled(frozen, False)
+    assert not stalled(frozen, True)  # a success never stalled
+    assert not stalled(frozen[:STALL_STEPS - 1], False)  # too short to tell
+    frozen[-1, 0] = 0.5  # one move at the end
+    assert not stalled(frozen, False)
+    t = episode("e0", [1] * (STALL_STEPS + 2), actions=np.zeros((STALL_STEPS + 2, 7), np.float32))
+    assert EpisodeStats.of_table(t).stalled  # episode() writes success=False
