@@ -189,8 +189,8 @@ class LoopConfig:
     base_batch_size: int = 0
     """Round-0 (BC) batch size (0 = ``data.batch_size``); BC learns best at 64, APO's micro-batch is 8."""
     base_idle_threshold: float = -1.0
-    """Round-0 near-idle filter (< 0 = ``data.idle_threshold``). 0 keeps the demos' grasp steps (gripper closing
-    while the arm holds still), which the APO data filter drops."""
+    """Round-0 near-idle filter (< 0 = ``data.idle_threshold``). 0 keeps the oracle's hold steps after a grasp,
+    which teach the policy to stall there (docs/FINDINGS.md §8)."""
     storage: str = ""
     """Run-dir storage URI (local path or ``s3://``); empty = the ``--run-dir`` given on the CLI."""
 
