@@ -640,6 +640,14 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
     image_shape = None
     for f in files:
         image_shape = validate_schema(Path(f), image_shape)
+    if reference is not None:
+        from apo_ray.model import read_meta
+
+        views = int(read_meta(reference["checkpoint"]).get("image_views", 1))
+        if image_shape[1] != views * image_shape[0]:
+            raise UserError(f"the reference checkpoint takes {views} camera view(s) per image, the episodes have "
+                            f"{image_shape[1] // image_shape[0]}", reference["checkpoint"],
+                            "collect the episodes with the same env.wrist as the checkpoint")
     lap("validate")
 
     import ray

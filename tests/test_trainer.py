@@ -281,7 +281,7 @@ def test_driver_sigkill_resumes_from_last_checkpoint(tmp_path, built):
 def test_wrist_view_runs_collect_to_train_to_eval(tmp_path, ray_local, init_ckpt):
     """env.wrist end to end on real robosuite: oracle demos with both views → the real data pipeline → a scratch
     model with 2 views → eval, which turns the wrist camera on from the checkpoint alone; a 1-view --init on
-    2-view data is refused."""
+    2-view data is refused, and so is a 1-view reference for the dataset's reference stage."""
     from apo_ray import model as M
     from apo_ray.config import DataConfig
     from apo_ray.data import build_dataset
@@ -307,3 +307,7 @@ def test_wrist_view_runs_collect_to_train_to_eval(tmp_path, ray_local, init_ckpt
     assert column_to_numpy(ev.column("image")).shape == (3, 64, 128, 3)
     with pytest.raises(UserError, match="takes 1 camera view"):
         train(tmp_path / "ds", init_ckpt, tmp_path / "ft", cfg)
+    with pytest.raises(UserError, match="reference checkpoint takes 1 camera view"):
+        build_dataset([], [tmp_path / "demos" / "episodes"], tmp_path / "ds_ref", DataConfig(),
+                      ref_checkpoint=init_ckpt, vocab_size=M.VOCAB_SIZE)
+    assert not (tmp_path / "ds_ref").exists()
