@@ -232,7 +232,7 @@ def validate_schema(path: Path, image_shape: tuple[int, ...] | None) -> tuple[in
                                 f"{path}, column {name}", "write episodes with apo_ray.schema.episode_table")
             shape = got[1]
             if name == S.IMAGE:
-                if len(shape) != 3 or shape[2] != 3 or shape[1] not in (shape[0], 2 * shape[0]):
+                if len(shape) != 3 or shape[2] != 3 or not S.image_views(shape[0], shape[1]):
                     raise UserError(f"image shape {shape}, expected (H, H, 3), or (H, 2H, 3) with the wrist view",
                                     f"{path}, column {name}", "store square RGB images (apo-ray collect)")
                 if image_shape is not None and shape != image_shape:
@@ -644,9 +644,9 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
         from apo_ray.model import read_meta
 
         views = int(read_meta(reference["checkpoint"]).get("image_views", 1))
-        if image_shape[1] != views * image_shape[0]:
+        if S.image_views(image_shape[0], image_shape[1]) != views:
             raise UserError(f"the reference checkpoint takes {views} camera view(s) per image, the episodes have "
-                            f"{image_shape[1] // image_shape[0]}", reference["checkpoint"],
+                            f"{S.image_views(image_shape[0], image_shape[1])}", reference["checkpoint"],
                             "collect the episodes with the same env.wrist as the checkpoint")
     lap("validate")
 

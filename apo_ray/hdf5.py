@@ -93,8 +93,8 @@ def export_hdf5(episode_dirs: Iterable[str | os.PathLike[str]], out_path: str | 
                 g.attrs[key] = int(ep[key][0]) if n else 0
             g.attrs[S.SUCCESS] = bool(ep[S.SUCCESS].any())
             img = ep[S.IMAGE]
-            h = img.shape[1] if img.ndim == 4 else 0
-            if img.ndim == 4 and img.shape[2] == 2 * h:
+            if img.ndim == 4 and S.image_views(img.shape[1], img.shape[2]) == 2:
+                h = img.shape[1]
                 obs = {OBS_IMAGE: img[:, :, :h], OBS_WRIST: img[:, :, h:]}
             else:
                 obs = {OBS_IMAGE: img}

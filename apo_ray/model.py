@@ -48,6 +48,7 @@ from transformers import (  # noqa: E402
 from apo_ray import actions, fsio  # noqa: E402
 from apo_ray.config import ModelConfig  # noqa: E402
 from apo_ray.errors import UserError  # noqa: E402
+from apo_ray.schema import image_views  # noqa: E402
 
 ACTION_DIM = 7
 N_BINS = 256
@@ -341,8 +342,8 @@ class Processor:
     def images(self, images: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         views, (h, w) = self.meta.image_views, x.shape[-2:]
-        if w != views * h:
-            have = "agentview + wrist" if w == 2 * h else "one view"
+        if image_views(h, w) != views:
+            have = {1: "one view", 2: "agentview + wrist"}.get(image_views(h, w), "neither layout")
             raise UserError(f"the policy takes {views} camera view(s) per image, the env gives {w}x{h} ({have})",
                             "env.wrist / --wrist", f"{'set' if views > 1 else 'unset'} wrist to match the policy")
         size = self.meta.image_size

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from apo_ray import schema as S
-from apo_ray.config import CorrectorConfig
+from apo_ray.config import CorrectorConfig, DataConfig
 from apo_ray.errors import UserError
 from apo_ray.fsio import sweep_tmp, write_json, write_parquet
 from apo_ray.policies import check_policy_spec, is_scripted, make_policy, policy_views
@@ -29,8 +29,8 @@ EPISODES_DIR = "episodes"
 VIDEOS_DIR = "videos"
 STALL_STEPS = 20
 """A failed episode whose last STALL_STEPS actions are all near-idle stalled (froze) rather than erred."""
-IDLE_MOTION = 0.05
-"""Σ|a[:6]| below which an action is near-idle (the dataset's default idle filter)."""
+IDLE_MOTION = DataConfig.idle_threshold
+"""Σ|a[:6]| below which an action is near-idle: the dataset's default idle filter."""
 
 
 def stalled(actions: np.ndarray, success: bool) -> bool:
@@ -59,15 +59,16 @@ class EpisodeStats:
         c = table.column(S.C).to_numpy()
         iid = table.column(S.INTERVENTION_ID).to_numpy()
         n = table.num_rows
+        success = bool(table.column(S.SUCCESS)[0].as_py()) if n else False
         return EpisodeStats(
             episode_id=table.column(S.EPISODE_ID)[0].as_py() if n else "",
             seed=int(table.column(S.SEED)[0].as_py()) if n else -1,
             steps=n,
-            success=bool(table.column(S.SUCCESS)[0].as_py()) if n else False,
+            success=success,
             intervention_steps=int((c == S.C_CORRECTOR).sum()),
             interventions=len(set(iid[iid >= 0].tolist())),
-            stalled=(S.ACTION in table.column_names and n > 0
-                     and stalled(S.column_to_numpy(table.column(S.ACTION)), bool(table.column(S.SUCCESS)[0].as_py()))),
+            stalled=(n > 0 and S.ACTION in table.column_names
+                     and stalled(S.column_to_numpy(table.column(S.ACTION)), success)),
         )
 
 

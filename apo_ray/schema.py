@@ -61,12 +61,17 @@ SCALAR_TYPES: dict[str, pa.DataType] = {
     POLICY_VERSION: pa.string(),
 }
 TENSOR_COLUMNS: dict[str, tuple[np.dtype, tuple[int, ...] | None]] = {
-    IMAGE: (np.dtype(np.uint8), None),  # (H, W, 3); H=W=image_size
+    IMAGE: (np.dtype(np.uint8), None),  # (H, W, 3): W = H (agentview) or 2H (+ wrist), see image_views
     PROPRIO: (np.dtype(np.float32), (PROPRIO_DIM,)),
     ACTION: (np.dtype(np.float32), (ACTION_DIM,)),
     ORACLE_ACTION: (np.dtype(np.float32), (ACTION_DIM,)),
 }
 STATE_TYPE = pa.list_(pa.float64())
+
+
+def image_views(height: int, width: int) -> int:
+    """Camera views an image tiles side by side: 1 (agentview), 2 (agentview + wrist), 0 for any other shape."""
+    return width // height if height > 0 and width in (height, 2 * height) else 0
 
 COLUMNS: tuple[str, ...] = (
     EPISODE_ID, ROUND, TASK, SCENARIO, SEED, T, IMAGE, PROPRIO, ACTION, ORACLE_ACTION, C,

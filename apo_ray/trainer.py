@@ -58,7 +58,7 @@ def _inspect_dataset(data_dir: Path) -> dict[str, Any]:
     missing = [c for c in BASE_COLUMNS if c not in schema.names]
     if missing:
         raise UserError(f"shards lack columns {missing}", str(shards[0]), "rebuild the dataset with this version")
-    from apo_ray.schema import PROPRIO_DIM, column_to_numpy, read_table
+    from apo_ray.schema import PROPRIO_DIM, column_to_numpy, image_views, read_table
 
     rows, instructions, c_counts, proprio = 0, set(), np.zeros(3, dtype=np.int64), []
     for s in shards:
@@ -72,11 +72,12 @@ def _inspect_dataset(data_dir: Path) -> dict[str, Any]:
 
     img = column_to_numpy(first.column("image"))  # (1, B, H, W, 3)
     h, w = int(img.shape[2]), int(img.shape[3])
-    if w not in (h, 2 * h):
+    views = image_views(h, w)
+    if not views:
         raise UserError(f"images are {w}x{h}; expected square (agentview) or 2:1 (agentview + wrist)",
                         str(shards[0]), "collect the data with apo-ray collect")
     return {"manifest": manifest, "shards": [str(s) for s in shards], "rows": rows,
-            "batch_size": int(img.shape[1]), "image_size": h, "image_views": w // h,
+            "batch_size": int(img.shape[1]), "image_size": h, "image_views": views,
             "instructions": sorted(instructions), "c_counts": c_counts.tolist(),
             "proprio_stats": proprio_stats(np.concatenate(proprio)),
             "has_ref": all(c in schema.names for c in REF_COLUMNS),
