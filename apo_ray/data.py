@@ -694,8 +694,12 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
         ds = ds.groupby(BATCH_ID, num_partitions=_partitions(counts["batches"], batch_bytes)).map_groups(
             functools.partial(_assemble, batch_size=cfg.batch_size), batch_format="numpy")
         if reference is not None:
+            # Ray hides the GPUs from an actor that asks for none: on a GPU cluster the reference (a 7B VLA)
+            # must ask for one, or it would score on the CPU in fp32
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
             ds = ds.map_batches(RefLogp, fn_constructor_args=(functools.partial(_model_logp_fn,
-                                reference["checkpoint"]),), batch_format="pyarrow", batch_size=16, concurrency=1)
+                                reference["checkpoint"]),), batch_format="pyarrow", batch_size=16, concurrency=1,
+                                num_gpus=gpus)
         ds.write_parquet(str(shard_dir), min_rows_per_file=min(batches_per_shard, counts["batches"]),
                          max_rows_per_file=batches_per_shard)
 

@@ -479,7 +479,8 @@ def reference_logp_fn(checkpoint: str | Path):
     """``fn(micro_batch, tokens (B,7), with_eos) -> (B,)`` summed reference log-probs (the dataset's reference
     stage, :data:`apo_ray.data.LogpFn`); same scoring code as the trainer's live reference."""
     ref, proc, _ = load_policy(checkpoint)
-    ref.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    # the trainer's policy runs in bf16 on CUDA; a reference scored in another dtype would offset every log-ratio
+    ref.to(*(("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32))).eval()
     dev = next(ref.parameters()).device
     dtype = next(ref.parameters()).dtype
 
@@ -581,35 +582,43 @@ def load_hf(mc: ModelConfig, action_stats: dict, image_size: int = 224):
 
 def save_checkpoint(model: nn.Module, proc: Processor, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """Write an HF-format checkpoint dir (safetensors + tokenizer + apo_vla.json). Atomic: temp dir, rename."""
-    import shutil
-    import tempfile
-
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=fsio.TMP_PREFIX + out.name + ".", dir=out.parent))
-    try:
+    with fsio.atomic_dir(out) as tmp:
         m = model.module if hasattr(model, "module") and not isinstance(model, PreTrainedModel) else model
         if proc.meta.kind == "hf" and hasattr(m, "peft_config"):
             m.save_pretrained(tmp / "adapter", state_dict=state_dict, safe_serialization=True)
         else:
             m.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tok = proc.tokenizer
-        if hasattr(tok, "get_vocab_size"):
-            _wrap_fast(tok).save_pretrained(tmp)
-        else:
-            tok.save_pretrained(tmp)
+        _save_tokenizer(proc.tokenizer, tmp)
         fsio.write_json(tmp / META_FILE, proc.meta.to_json())
-        if out.exists():
-            old = out.with_name(fsio.TMP_PREFIX + out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _save_tokenizer(tok, out: Path) -> None:
+    (_wrap_fast(tok) if hasattr(tok, "get_vocab_size") else tok).save_pretrained(out)
+
+
+def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a tiny checkpoint as a self-contained HF VLA directory, the layout ``model.kind: hf`` loads:
+    config.json with an ``auto_map`` + the modeling code beside it (``trust_remote_code``), safetensors and the
+    tokenizer, with the action tokens as the last 256 ids. The hf path (LoRA, bf16, DeepSpeed) can then be
+    exercised end to end without a model hub. The copied modeling code imports apo_ray."""
+    d = checkpoint_dir(ckpt_dir)
+    meta = read_meta(d)
+    if meta.get("kind") != "tiny":
+        raise UserError(f"only a tiny checkpoint exports to an HF VLA dir (this one is kind {meta.get('kind')})",
+                        str(d), "pass a checkpoint trained with model.kind: tiny")
+    if meta.get("image_views", 1) != 1 or meta.get("use_proprio"):
+        raise UserError("model.kind hf takes one camera view and no proprio token; this checkpoint uses "
+                        + ("the wrist view" if meta.get("image_views", 1) != 1 else "proprio"), str(d),
+                        "export a checkpoint trained with env.wrist: false and model.use_proprio: false")
+    model, proc, _ = load_policy(d)
+    TinyVLAConfig.register_for_auto_class()
+    TinyVLA.register_for_auto_class("AutoModelForCausalLM")
+    out = Path(out_dir)
+    with fsio.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        _save_tokenizer(proc.tokenizer, tmp)
     return out
 
 

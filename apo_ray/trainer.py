@@ -294,7 +294,7 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
         if (out_dir / NAN_MARKER).is_file():
             return {}
         raise RuntimeError(f"training failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}") from e
-    metrics = dict(result.metrics or {})
+    metrics = {**(result.metrics or {}), "reference": loop_cfg["ref_mode"]}
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
             src = Path(d) / "hf"

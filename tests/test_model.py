@@ -183,11 +183,14 @@ def test_hf_kind_loads_remote_code_with_lora(tiny, tmp_path):
     (only they train), scores like the original, and its checkpoint (adapter only) round-trips."""
     model, proc = tiny
     model.eval()
-    src = tmp_path / "hf_vla"
-    M.TinyVLAConfig.register_for_auto_class()
-    M.TinyVLA.register_for_auto_class("AutoModelForCausalLM")
-    model.save_pretrained(src)
-    M._wrap_fast(proc.tokenizer).save_pretrained(src)
+    src = M.export_hf(M.save_checkpoint(model, proc, tmp_path / "ck"), tmp_path / "hf_vla")
+    hf_ck = M.save_checkpoint(*M.load_hf(dataclasses.replace(MC, kind="hf", path=str(src)), STATS), tmp_path / "hk")
+    with pytest.raises(UserError, match="only a tiny checkpoint exports"):
+        M.export_hf(hf_ck, tmp_path / "again")
+    pm, pp = M.build_model(dataclasses.replace(MC, use_proprio=True), STATS, 64, ["lift the cube"], seed=0)
+    with pytest.raises(UserError, match="no proprio token; this checkpoint uses proprio"):
+        M.export_hf(M.save_checkpoint(pm, pp, tmp_path / "pk"), tmp_path / "again")
+    assert not (tmp_path / "again").exists()
     assert (src / "model.py").is_file() and "auto_map" in json.loads((src / "config.json").read_text())
     hm, hp = M.build_model(dataclasses.replace(MC, kind="hf", path=str(src), lora_r=4), STATS, 64)
     assert type(hm).__name__ == "PeftModel"

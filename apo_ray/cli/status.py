@@ -82,5 +82,6 @@ def run(args: argparse.Namespace) -> int:
               f"[{100 * lo:.0f}–{100 * hi:.0f}] n={r['episodes']}")
     if s["last_train"]:
         t = s["last_train"]
-        print("  train " + t["stage"] + ": " + ", ".join(f"{k} {v:.4g}" for k, v in t.items() if k != "stage"))
+        print("  train " + t["stage"] + ": " + ", ".join(f"{k} {v:.4g}" if isinstance(v, int | float) else f"{k} {v}"
+                                                   for k, v in t.items() if k != "stage"))
     return 0
