@@ -185,6 +185,13 @@ class TinyVLA(PreTrainedModel):
                 m.eval()
         return self
 
+    # peft's "all-linear" spares the output head and its adapter save finds the embeddings through these two
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.llm.get_output_embeddings()
+
     def encode_images(self, pixel_values: torch.Tensor, proprio: torch.Tensor | None = None) -> torch.Tensor:
         """(B,3,H,W) in [-1,1] (+ (B,9) proprio) → (B, T, hidden) prefix embeddings."""
         if self.config.coord_channels:

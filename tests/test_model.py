@@ -196,6 +196,7 @@ def test_hf_kind_loads_remote_code_with_lora(tiny, tmp_path):
     assert type(hm).__name__ == "PeftModel"
     trainable = [n for n, p in hm.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+    assert not any("lm_head" in n for n in trainable), "all-linear LoRA must spare the output head"
     imgs, instr, inp, toks = _batch(proc)
     a = M.score_actions(model, inp, [toks], proc.meta)[0].logp
     b = M.score_actions(hm, hp(imgs, instr), [toks], hp.meta)[0].logp
