@@ -43,6 +43,8 @@ class CorrectorConfig:
     """Mean |a_policy - a_oracle| over the 3 translation dims that counts as deviating."""
     deviation_steps: int = 6
     """Consecutive deviating steps inside a critical phase before the corrector takes over."""
+    off_target_steps: int = 3
+    """Steps an empty hand spends at grasp height beside the grasp point before taking over (0 = off)."""
     no_progress_steps: int = 25
     """Steps without progress towards the current subgoal before taking over."""
     reaction_delay: int = 2

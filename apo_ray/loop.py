@@ -51,6 +51,9 @@ CONFIG_FILE = "config.json"
 RESUMABLE_CONFIG_KEYS = ("loop.rounds", "eval.videos", "collect.videos", "collect.workers", "eval.workers",
                          "train.workers", "loop.storage")
 """Keys that may change between a run and its resume: they do not change any completed stage's output."""
+LEGACY_VALUES = {"corrector": {"off_target_steps": 0}}
+"""What a key meant in a run saved before it existed, where that differs from today's default (the trigger was
+not there, so it was off): resuming such a run with the new default is a config change, not a silent one."""
 
 
 @dataclass(frozen=True)
@@ -406,7 +409,7 @@ def prepare_run_dir(cfg: Config, storage: RunStorage, resume: bool) -> Config:
     has_journal = (run_dir / "journal.json").exists()
     if saved_path.exists():
         # a run saved before a config key existed ran with that key's default
-        saved = _with_defaults(json.loads(saved_path.read_text()), Config().to_dict())
+        saved = _with_defaults(json.loads(saved_path.read_text()), _with_defaults(LEGACY_VALUES, Config().to_dict()))
         diffs = [k for k in _diff(saved, cfg.to_dict()) if k not in RESUMABLE_CONFIG_KEYS]
         old_arms, new_arms = saved.get("loop", {}).get("arms", []), list(cfg.loop.arms)
         if "loop.arms" in diffs and set(old_arms) <= set(new_arms):

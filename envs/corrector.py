@@ -9,6 +9,9 @@ Triggers (any one fires a takeover after ``reaction_delay`` steps, like a human'
 - ``knocked``: the object moves fast while nobody holds it;
 - ``empty_grasp``: the gripper closed on nothing;
 - ``tilted``: the gripper points far from down (a twisted wrist soon locks the arm in a joint limit);
+- ``off_target``: an empty hand down at grasp height but more than ``OFF_XY`` beside the grasp point for
+  ``off_target_steps`` steps (it will miss or push the object; pressing on along the table then stretches the
+  arm into its shoulder and elbow limits, a posture the oracle's reach motion cannot leave);
 - ``no_progress``: the oracle's progress signal has not improved for ``no_progress_steps`` steps.
 
 While in control it executes the oracle's action (c=2, intervention_id = index of the intervention in the
@@ -30,6 +33,10 @@ from envs.tasks import get_task
 KNOCK_SPEED = 0.25
 """Object speed (m/s) that counts as knocked when nobody holds it."""
 PROGRESS_EPS = 0.01
+OFF_XY = 0.025
+"""Horizontal distance (m) from the grasp point that counts as beside it, for a hand at grasp height."""
+LOW_Z = 0.02
+"""Height (m) above the grasp point below which the hand is at grasp height."""
 AWAY = 0.1
 """Object distance (m, horizontal) from its target beyond which letting go of it is a drop, not a release."""
 
@@ -54,6 +61,7 @@ class Corrector:
         self._takeover_stage = 0
         self._deviating = 0
         self._empty = 0
+        self._off = 0
         self._held = 0
         self._best = -np.inf
         self._stalled = 0
@@ -107,8 +115,14 @@ class Corrector:
             return "dropped"
         if not grasped and away and np.linalg.norm(o["object_vel"]) > KNOCK_SPEED:
             return "knocked"
+        grasp_pt = o["grasp_pos"] + np.array([0.0, 0.0, oracle.plan.grasp_dz])
+        beside = float(np.linalg.norm(o["eef_pos"][:2] - grasp_pt[:2])) > OFF_XY
+        low = float(o["eef_pos"][2]) < grasp_pt[2] + LOW_Z
+        self._off = self._off + 1 if (not grasped and low and beside and oracle.phase in ("reach", "descend")) else 0
         if self._empty >= 3:
             return "empty_grasp"
+        if 0 < cfg.off_target_steps <= self._off:
+            return "off_target"
         if tilt(o["eef_quat"]) > MAX_TILT:
             return "tilted"
         if self._deviating >= cfg.deviation_steps:
@@ -130,5 +144,5 @@ class Corrector:
         self.in_control = False
         self._intervention_id = NO_INTERVENTION
         self.events.append((self._t, "handback", oracle.phase))
-        self._deviating = self._empty = self._stalled = 0
+        self._deviating = self._empty = self._stalled = self._off = 0
         self._best = oracle.progress  # the policy gets a fresh no-progress window

@@ -95,6 +95,26 @@ def test_deviation_in_critical_phase_triggers_takeover_and_handback(lift_env):
     assert any(kind == "handback" for _, kind, _ in corrector.events)
 
 
+def test_a_hand_lowered_beside_the_cube_triggers_off_target(lift_env):
+    """A policy that goes down 5 cm beside the cube: once the empty hand is at grasp height there for
+    off_target_steps steps the corrector takes over (before the hand pushes on into the arm's joint limits) and
+    the episode succeeds; with the trigger off, only the slower no-progress trigger would catch it."""
+    cfg = CorrectorConfig()
+
+    def beside(obs, oracle_action):
+        p = obs["privileged"]
+        goal = p["grasp_pos"] + np.array([0.05, 0.0, 0.0])
+        return np.array([*np.clip((goal - p["eef_pos"]) / 0.05, -1, 1), 0, 0, 0, -1], np.float32)
+
+    result, corrector = _episode(lift_env, "lift", beside, cfg, 0)
+    assert corrector.events[0][1:] == ("trigger", "off_target"), corrector.events
+    assert result["success"]
+    _check_labels(result, corrector, cfg)
+    _, off = _episode(lift_env, "lift", beside, dataclasses.replace(cfg, off_target_steps=0), 0)
+    assert off.events and "off_target" not in {r for _, _, r in off.events}
+    assert off.events[0][0] > corrector.events[0][0] + 5
+
+
 def test_degraded_stream_is_corrected_and_succeeds(lift_env):
     """Lapses tilt the gripper, close it on nothing or stall it: the corrector takes over and the episode
     still succeeds (docs/oracle_success.md gives rates over more seeds and stronger noise)."""

@@ -73,6 +73,12 @@ def test_run_dir_refuses_a_different_config(tmp_path: Path) -> None:
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
     with pytest.raises(UserError, match="data.demo_label"):
         prepare_run_dir(config.load(SMOKE, ["loop.arms=[apo,dagger]", "data.demo_label=oracle"]), st, resume=True)
+    # ... except a key whose absence meant something else: runs before the off_target trigger ran without it
+    del saved["corrector"]["off_target_steps"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match=r"'corrector.off_target_steps' differs \(0 there, 3 now\)"):
+        prepare_run_dir(config.load(SMOKE, ["loop.arms=[apo,dagger]"]), st, resume=True)
+    prepare_run_dir(config.load(SMOKE, ["loop.arms=[apo,dagger]", "corrector.off_target_steps=0"]), st, resume=True)
 
 
 # ------------------------------------------------------------------------------------------ end to end
