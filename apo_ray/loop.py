@@ -408,7 +408,7 @@ def prepare_run_dir(cfg: Config, storage: RunStorage, resume: bool) -> Config:
     saved_path = run_dir / CONFIG_FILE
     has_journal = (run_dir / "journal.json").exists()
     if saved_path.exists():
-        # a run saved before a config key existed ran with that key's default
+        # a run saved before a config key existed ran with that key's default (or its LEGACY_VALUES entry)
         saved = _with_defaults(json.loads(saved_path.read_text()), _with_defaults(LEGACY_VALUES, Config().to_dict()))
         diffs = [k for k in _diff(saved, cfg.to_dict()) if k not in RESUMABLE_CONFIG_KEYS]
         old_arms, new_arms = saved.get("loop", {}).get("arms", []), list(cfg.loop.arms)
