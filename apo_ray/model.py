@@ -620,12 +620,16 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
                         + ("the wrist view" if meta.get("image_views", 1) != 1 else "proprio"), str(d),
                         "export a checkpoint trained with env.wrist: false and model.use_proprio: false")
     model, proc, _ = load_policy(d)
+    # registration is class state: undo it, or every later checkpoint of this process would carry the code too
     TinyVLAConfig.register_for_auto_class()
     TinyVLA.register_for_auto_class("AutoModelForCausalLM")
     out = Path(out_dir)
-    with fsio.atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        _save_tokenizer(proc.tokenizer, tmp)
+    try:
+        with fsio.atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            _save_tokenizer(proc.tokenizer, tmp)
+    finally:
+        TinyVLAConfig._auto_class = TinyVLA._auto_class = None
     return out
 
 

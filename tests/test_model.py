@@ -184,6 +184,8 @@ def test_hf_kind_loads_remote_code_with_lora(tiny, tmp_path):
     model, proc = tiny
     model.eval()
     src = M.export_hf(M.save_checkpoint(model, proc, tmp_path / "ck"), tmp_path / "hf_vla")
+    later = M.save_checkpoint(model, proc, tmp_path / "ck_after")  # a plain checkpoint again: no modeling code
+    assert not (later / "model.py").exists() and "auto_map" not in json.loads((later / "config.json").read_text())
     hf_ck = M.save_checkpoint(*M.load_hf(dataclasses.replace(MC, kind="hf", path=str(src)), STATS), tmp_path / "hk")
     with pytest.raises(UserError, match="only a tiny checkpoint exports"):
         M.export_hf(hf_ck, tmp_path / "again")
