@@ -38,7 +38,7 @@ from apo_ray import actions as A
 from apo_ray import schema as S
 from apo_ray.config import DataConfig
 from apo_ray.errors import UserError
-from apo_ray.fsio import TMP_PREFIX, sha256_file, write_json
+from apo_ray.fsio import TMP_PREFIX, atomic_dir, sha256_file, write_json
 from apo_ray.ray_utils import ray_session
 
 DATASET_SCHEMA_VERSION = 1
@@ -592,21 +592,8 @@ def build_dataset(episode_dirs: Iterable[str | os.PathLike[str]], demo_paths: It
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.parent.glob(f"{TMP_PREFIX}{out_dir.name}.*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}.{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        with ray_session(address), _data_context():
-            manifest = _build(inputs, tmp, cfg, config, dhash, reference, vocab_size, t0, t_hashed)
-        if out_dir.exists():
-            trash = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, trash)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out_dir) as tmp, ray_session(address), _data_context():
+        manifest = _build(inputs, tmp, cfg, config, dhash, reference, vocab_size, t0, t_hashed)
     return {**summary_of(manifest), "skipped": False, "dataset_hash": dhash}
 
 
@@ -643,10 +630,10 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
     if reference is not None:
         from apo_ray.model import read_meta
 
-        views = int(read_meta(reference["checkpoint"]).get("image_views", 1))
-        if S.image_views(image_shape[0], image_shape[1]) != views:
+        views, have = int(read_meta(reference["checkpoint"]).get("image_views", 1)), S.image_views(*image_shape[:2])
+        if have != views:
             raise UserError(f"the reference checkpoint takes {views} camera view(s) per image, the episodes have "
-                            f"{S.image_views(image_shape[0], image_shape[1])}", reference["checkpoint"],
+                            f"{have}", reference["checkpoint"],
                             "collect the episodes with the same env.wrist as the checkpoint")
     lap("validate")
 

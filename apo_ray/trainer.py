@@ -296,15 +296,8 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
         raise RuntimeError(f"training failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}") from e
     metrics = {**(result.metrics or {}), "reference": loop_cfg["ref_mode"]}
     if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as d:
-            src = Path(d) / "hf"
-            dest = out_dir / "checkpoint"
-            tmp = out_dir / (fsio.TMP_PREFIX + "checkpoint")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp)
-            if dest.exists():
-                shutil.rmtree(dest)
-            tmp.rename(dest)
+        with result.checkpoint.as_directory() as d, fsio.atomic_dir(out_dir / "checkpoint") as tmp:
+            shutil.copytree(Path(d) / "hf", tmp, dirs_exist_ok=True)
     fsio.write_json(out_dir / "metrics.json", metrics)
     return metrics
 

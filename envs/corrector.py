@@ -115,7 +115,7 @@ class Corrector:
             return "dropped"
         if not grasped and away and np.linalg.norm(o["object_vel"]) > KNOCK_SPEED:
             return "knocked"
-        grasp_pt = o["grasp_pos"] + np.array([0.0, 0.0, oracle.plan.grasp_dz])
+        grasp_pt = oracle.grasp_point(o)
         beside = float(np.linalg.norm(o["eef_pos"][:2] - grasp_pt[:2])) > OFF_XY
         low = float(o["eef_pos"][2]) < grasp_pt[2] + LOW_Z
         self._off = self._off + 1 if (not grasped and low and beside and oracle.phase in ("reach", "descend")) else 0

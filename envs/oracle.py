@@ -140,7 +140,7 @@ class Oracle:
             self._reopen = True
 
         eef_yaw = _yaw(quat)
-        grasp_pt = o["grasp_pos"] + np.array([0.0, 0.0, p.grasp_dz])
+        grasp_pt = self.grasp_point(o)
         target = o["target_pos"] + np.array([p.place_offset[0], p.place_offset[1], 0.0])
         yaw_goal = eef_yaw
         gripper = OPEN
@@ -237,6 +237,10 @@ class Oracle:
         action[3:6] = _orientation_action(quat, yaw_goal, 1.0 if self.phase == "reorient" else ROT_MAX)
         action[6] = gripper
         return action.astype(np.float32)
+
+    def grasp_point(self, o: dict[str, np.ndarray]) -> np.ndarray:
+        """Where the fingertips close: the object's grasp site, raised by the plan's ``grasp_dz``."""
+        return o["grasp_pos"] + np.array([0.0, 0.0, self.plan.grasp_dz])
 
     def _grasp_yaw(self, o: dict[str, np.ndarray]) -> float:
         """Gripper yaw for grasping: the object's yaw plus offset, modulo its symmetry."""
