@@ -85,6 +85,36 @@ def deploy_arm(cfg: Config, rnd: int, arm: str) -> str:
     return SHARED if (rnd == 1 and cfg.loop.share_round1) else arm
 
 
+def train_key(rnd: int, arm: str) -> str:
+    """The stage that trains π(rnd) of ``arm``: round 0 is the shared base policy."""
+    return f"r{rnd}/{BASE if rnd == 0 else arm}/train"
+
+
+def episode_keys(cfg: Config, rnd: int, src: str) -> list[str]:
+    """The collect stages whose episodes an arm's (or the shared) round-``rnd`` dataset holds: rounds 1..rnd."""
+    out = []
+    for r in range(1, rnd + 1):
+        who = deploy_arm(cfg, r, src) if src != SHARED else SHARED
+        out += [f"r{r}/{who}/collect/{sc}" for sc in cfg.loop.scenarios]
+    return out
+
+
+def policy_arm(cfg: Config, st: Stage) -> str:
+    """Whose π(r-1) a round-r collect or dataset stage deploys or scores (the shared round 1's is π0)."""
+    return cfg.loop.arms[0] if st.arm == SHARED else st.arm
+
+
+def stage_train_config(cfg: Config, st: Stage) -> Any:
+    """The TrainConfig a train stage runs with: round 0 applies the ``loop.base_*`` overrides."""
+    if st.round == 0:
+        lp = cfg.loop
+        return dataclasses.replace(cfg.train, objective=lp.base_objective,
+                                   epochs=lp.base_epochs or cfg.train.epochs,
+                                   max_steps=lp.base_max_steps or cfg.train.max_steps,
+                                   lr=lp.base_lr or cfg.train.lr)
+    return dataclasses.replace(cfg.train, objective=st.arm)
+
+
 def plan(cfg: Config) -> list[Stage]:
     """Every stage of the run, in execution order."""
     orig = original_scenario(cfg)
@@ -105,6 +135,70 @@ def plan(cfg: Config) -> list[Stage]:
             stages.append(Stage(f"r{rnd}/{arm}/train", "train", rnd, arm))
             stages += [Stage(f"r{rnd}/{arm}/eval/{sc}", "eval", rnd, arm, sc) for sc in eval_scenarios(cfg)]
     return stages
+
+
+def stage_deps(cfg: Config, st: Stage) -> list[str]:
+    """The stages whose outputs ``st`` reads (the same keys its body reads through :meth:`Loop.dir`)."""
+    orig = original_scenario(cfg)
+    if st.kind == "collect":
+        return [] if st.round == 0 else [train_key(st.round - 1, policy_arm(cfg, st))]
+    if st.kind == "dataset":
+        if st.round == 0:
+            return [f"r0/{DEMOS}/collect/{orig}"]
+        return [f"r0/{DEMOS}/collect/{orig}", train_key(st.round - 1, policy_arm(cfg, st)),
+                *episode_keys(cfg, st.round, st.arm)]
+    if st.kind == "train":
+        if st.round == 0:
+            return [f"r0/{BASE}/dataset"]
+        return [train_key(st.round - 1, st.arm), f"r{st.round}/{deploy_arm(cfg, st.round, st.arm)}/dataset"]
+    return [train_key(st.round, st.arm)]
+
+
+NO_OUTPUT_EFFECT = (*RESUMABLE_CONFIG_KEYS, "train.log_every", "train.mlflow_uri", "train.max_failures",
+                    "train.cpus_per_worker")
+"""Keys that change how a stage runs or what it logs, never the data or weights it writes."""
+
+
+def stage_inputs(cfg: Config, st: Stage) -> dict[str, Any]:
+    """Everything of the config that can change ``st``'s output, plus the stages it reads. Two configs that
+    give a stage equal inputs (with equal inputs upstream) give it the same output: a fork may reuse it.
+    Deliberately coarse (whole config sections), so an unlisted dependency errs towards rerunning."""
+    from apo_ray.loss import NEEDS_REFERENCE, OBJECTIVE_PARAMS, LossParams
+
+    d = cfg.to_dict()
+
+    def section(name: str, values: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {k: v for k, v in (values if values is not None else d[name]).items()
+                if f"{name}.{k}" not in NO_OUTPUT_EFFECT}
+
+    lp = cfg.loop
+    out: dict[str, Any] = {"kind": st.kind, "deps": stage_deps(cfg, st)}
+    if st.kind in ("collect", "eval"):
+        out["env"] = section("env")
+    if st.kind == "collect":
+        out["collect"] = section("collect")
+        if st.round == 0:
+            out["loop"] = {"demos": lp.demos, "demo_policy": lp.demo_policy}
+        else:  # the seed list depends on the scenario's position in loop.scenarios
+            out["corrector"] = section("corrector")
+            out["loop"] = {"rollouts_per_round": lp.rollouts_per_round,
+                           "scenario_index": lp.scenarios.index(st.scenario)}
+    elif st.kind == "dataset":
+        data = dict(d["data"])
+        if st.round == 0:
+            data["batch_size"] = lp.base_batch_size or data["batch_size"]
+            data["idle_threshold"] = data["idle_threshold"] if lp.base_idle_threshold < 0 else lp.base_idle_threshold
+        out["data"], out["model"] = section("data", data), section("model")
+    elif st.kind == "train":
+        tc = dataclasses.asdict(stage_train_config(cfg, st))
+        unread = set(LossParams.__dataclass_fields__) - set(OBJECTIVE_PARAMS[tc["objective"]])
+        if tc["objective"] not in NEEDS_REFERENCE:
+            unread |= {"reference", "kl_allreduce"}
+        out["train"] = {k: v for k, v in section("train", tc).items() if k not in unread}
+        out["model"] = section("model")
+    else:
+        out["eval"] = section("eval")
+    return json.loads(json.dumps(out))  # tuples and lists compare equal after a JSON round trip
 
 
 def check_config(cfg: Config) -> None:
@@ -233,7 +327,7 @@ class Loop:
 
     def checkpoint(self, rnd: int, arm: str) -> str:
         """π(rnd) of ``arm``: round 0 is the shared base policy."""
-        return str(self.dir(f"r{rnd}/{BASE if rnd == 0 else arm}/train") / "checkpoint")
+        return str(self.dir(train_key(rnd, arm)) / "checkpoint")
 
     # ---- stage bodies: each writes only into ``work`` and returns a JSON-able summary
 
@@ -245,7 +339,7 @@ class Loop:
             policy, corrector, seed, n, videos = self.cfg.loop.demo_policy, None, c.seed, self.cfg.loop.demos, 0
         else:
             j = self.cfg.loop.scenarios.index(st.scenario)
-            policy = self.checkpoint(st.round - 1, self.cfg.loop.arms[0] if st.arm == SHARED else st.arm)
+            policy = self.checkpoint(st.round - 1, policy_arm(self.cfg, st))
             corrector = self.cfg.corrector
             seed = c.seed + ROUND_SEED_STRIDE * st.round + SCENARIO_SEED_STRIDE * j
             n, videos = self.cfg.loop.rollouts_per_round, c.videos
@@ -253,22 +347,13 @@ class Loop:
                        image_size=e.image_size, horizon=e.horizon, videos=videos, address=self.address,
                        resume=True, progress=self.progress, label=st.key, wrist=e.wrist)
 
-    def _episode_dirs(self, rnd: int, src: str) -> list[str]:
-        """All interaction data an arm has gathered in rounds 1..rnd (data accumulates across rounds)."""
-        arm = src
-        out = []
-        for r in range(1, rnd + 1):
-            who = deploy_arm(self.cfg, r, arm) if arm != SHARED else SHARED
-            out += [str(self.dir(f"r{r}/{who}/collect/{sc}") / "episodes") for sc in self.cfg.loop.scenarios]
-        return out
-
     def _dataset(self, st: Stage, work: Path) -> dict[str, Any]:
         from apo_ray.data import build_dataset
 
         demos = [str(self.dir(f"r0/{DEMOS}/collect/{original_scenario(self.cfg)}") / "episodes")]
-        ref = None if st.round == 0 else self.checkpoint(st.round - 1, self.cfg.loop.arms[0] if st.arm == SHARED
-                                                         else st.arm)
-        episode_dirs = self._episode_dirs(st.round, st.arm) if st.round > 0 else []
+        ref = None if st.round == 0 else self.checkpoint(st.round - 1, policy_arm(self.cfg, st))
+        # all interaction data the arm has gathered so far: data accumulates across rounds
+        episode_dirs = [str(self.dir(k) / "episodes") for k in episode_keys(self.cfg, st.round, st.arm)]
         dc, lp = self.cfg.data, self.cfg.loop
         if st.round == 0:
             dc = dataclasses.replace(dc, batch_size=lp.base_batch_size or dc.batch_size,
@@ -284,18 +369,12 @@ class Loop:
         from apo_ray.trainer import train
 
         if st.round == 0:
-            lp = self.cfg.loop
-            tc = dataclasses.replace(self.cfg.train, objective=lp.base_objective,
-                                     epochs=lp.base_epochs or self.cfg.train.epochs,
-                                     max_steps=lp.base_max_steps or self.cfg.train.max_steps,
-                                     lr=lp.base_lr or self.cfg.train.lr)
             init = "scratch"
             data = self.dir(f"r0/{BASE}/dataset")
         else:
-            tc = dataclasses.replace(self.cfg.train, objective=st.arm)
             init = self.checkpoint(st.round - 1, st.arm)
             data = self.dir(f"r{st.round}/{deploy_arm(self.cfg, st.round, st.arm)}/dataset")
-        cfg = dataclasses.replace(self.cfg, train=tc)
+        cfg = dataclasses.replace(self.cfg, train=stage_train_config(self.cfg, st))
         with _Ticker(st.key, None, self.progress):
             return train(str(data), init, str(work), cfg, address=self.address)
 
@@ -400,6 +479,13 @@ def _with_defaults(saved: Any, defaults: Any) -> Any:
     return saved
 
 
+def saved_config_dict(run_dir: Path) -> dict[str, Any]:
+    """The config a run dir was started with. A run saved before a config key existed ran with that key's
+    default (or its LEGACY_VALUES entry)."""
+    return _with_defaults(json.loads((run_dir / CONFIG_FILE).read_text()),
+                          _with_defaults(LEGACY_VALUES, Config().to_dict()))
+
+
 def prepare_run_dir(cfg: Config, storage: RunStorage, resume: bool) -> Config:
     """Check the run dir against the config; save the config on a new run. Returns the config to run."""
     run_dir = storage.local
@@ -408,8 +494,7 @@ def prepare_run_dir(cfg: Config, storage: RunStorage, resume: bool) -> Config:
     saved_path = run_dir / CONFIG_FILE
     has_journal = (run_dir / "journal.json").exists()
     if saved_path.exists():
-        # a run saved before a config key existed ran with that key's default (or its LEGACY_VALUES entry)
-        saved = _with_defaults(json.loads(saved_path.read_text()), _with_defaults(LEGACY_VALUES, Config().to_dict()))
+        saved = saved_config_dict(run_dir)
         diffs = [k for k in _diff(saved, cfg.to_dict()) if k not in RESUMABLE_CONFIG_KEYS]
         old_arms, new_arms = saved.get("loop", {}).get("arms", []), list(cfg.loop.arms)
         if "loop.arms" in diffs and set(old_arms) <= set(new_arms):

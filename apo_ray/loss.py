@@ -85,6 +85,16 @@ class LossParams:
         return cls(**{n: getattr(t, n) for n in cls.__dataclass_fields__})
 
 
+_KTO_PARAMS = ("beta", "kl_clamp", "kl_nonneg", "desirable_weight", "undesirable_weight", "reweight", "beta_d",
+               "beta_u", "lambda_norm", "reduction", "bc_weight")
+OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
+    "apo": _KTO_PARAMS, "kto": _KTO_PARAMS, "dpo": ("beta",),
+    "sirius": ("sirius_intervention_weight", "sirius_preintervention_weight"), "dagger": (), "bc": (),
+}
+"""The :class:`LossParams` fields each objective reads; the rest cannot change its loss (tests check this), so
+a run forked with another value of them may keep that objective's trained stages."""
+
+
 def _grouped(x: Tensor, group: int) -> Tensor:
     if x.shape[0] % group:
         raise ValueError(f"batch of {x.shape[0]} is not a whole number of micro-batches of {group}")

@@ -130,6 +130,28 @@ def test_loop_end_to_end_killed_and_resumed(tmp_path: Path, monkeypatch) -> None
     assert res["same_structure"] and res["same_content"], res
     run = tmp_path / "chaos"
     assert not (run / ".work").exists() or not list((run / ".work").iterdir())
+    _fork_and_finish(ref, tmp_path / "fork")
+
+
+def _fork_and_finish(ref: Path, fork: Path) -> None:
+    """A variant with more steps per refinement: the fork shares the reference run's round 0 and round-1 data
+    (hard-linked, journal entries unchanged) and the loop on it trains and evaluates only what changed."""
+    overrides = [*E2E_OVERRIDES, "train.max_steps=6"]
+    cmd = ["--config", str(SMOKE), "--run-dir", str(fork), *overrides]
+    out = subprocess.run([*APO_RAY, "fork", "--from", str(ref), *cmd], capture_output=True, text=True,
+                         env=_env(), check=True)
+    assert out.stdout.strip().splitlines()[-1].endswith(" ".join(["apo-ray", "loop", *cmd]))
+    kept = json.loads(out.stdout.splitlines()[0])["kept"]
+    assert kept == ["r0/demos/collect/nominal", "r0/base/dataset", "r0/base/train", "r0/base/eval/position",
+                    "r0/base/eval/nominal", "r1/apo/collect/position", "r1/apo/dataset"]
+    ep = next((fork / "r1/apo/collect/position/episodes").iterdir())
+    assert ep.stat().st_ino == (ref / ep.relative_to(fork)).stat().st_ino
+    subprocess.run([*APO_RAY, "loop", "--no-progress", *cmd], capture_output=True, text=True, env=_env(), check=True)
+    j_ref, j_fork = (json.loads((d / "journal.json").read_text())["stages"] for d in (ref, fork))
+    assert list(j_fork) == list(j_ref)
+    assert all(j_fork[k] == j_ref[k] for k in kept)  # adopted, not rerun
+    assert (j_ref["r1/apo/train"]["result"]["step"], j_fork["r1/apo/train"]["result"]["step"]) == (5, 6)
+    assert (fork / "report" / "report.html").is_file()
 
 
 def test_run_dir_on_a_uri_resumes_on_a_fresh_node(tmp_path: Path) -> None:
@@ -144,3 +166,40 @@ def test_run_dir_on_a_uri_resumes_on_a_fresh_node(tmp_path: Path) -> None:
     node2 = RunStorage(uri, local_dir=tmp_path / "node2")
     assert prepare_run_dir(cfg, node2, resume=True) == cfg
     assert Journal(node2.local).done("r0/demos/collect/nominal")
+
+
+def _fork_kept(overrides: list[str], base: tuple[str, ...] = ("loop.arms=[apo,dagger]", "loop.share_round1=true")
+               ) -> tuple[list[str], list[str]]:
+    from apo_ray.fork import reusable_stages
+
+    src = config.load(SMOKE, list(base))
+    done = {s.key for s in plan(src)}
+    new = config.load(SMOKE, [*base, *overrides])
+    return reusable_stages(src, new, done), [s.key for s in plan(new)]
+
+
+def test_fork_keeps_exactly_the_stages_the_new_config_would_reproduce() -> None:
+    r0 = ["r0/demos/collect/nominal", "r0/base/dataset", "r0/base/train", "r0/base/eval/position",
+          "r0/base/eval/nominal"]
+    shared = ["r1/shared/collect/position", "r1/shared/dataset"]
+    # more training per round: round 0 (its own loop.base_* budget) and the shared round-1 data stay
+    kept, _ = _fork_kept(["train.max_steps=9"])
+    assert kept == r0 + shared
+    # an APO-only parameter: DAgger's whole line stays, APO's is retrained from round 1's training on
+    kept, new_plan = _fork_kept(["train.bc_weight=1.0"])
+    assert [k for k in kept if "/apo/" in k] == [] and [k for k in new_plan if "/dagger/" in k and k not in kept] == []
+    assert kept[:7] == r0 + shared
+    # dropping an arm keeps the other's stages; adding a round keeps every stage of the first two
+    kept, new_plan = _fork_kept(["loop.arms=[dagger]", "loop.rounds=3"])
+    assert kept == [k for k in new_plan if not k.startswith("r3/")]
+    # the corrector shapes every deployment: only round 0 stays; a new base budget changes pi0: only its data
+    assert _fork_kept(["corrector.deviation_threshold=0.5"])[0] == r0
+    assert _fork_kept(["loop.base_max_steps=30"])[0] == r0[:2]
+    # how a stage runs (workers, videos) is not what it produces; a smaller evaluation is
+    assert _fork_kept(["eval.workers=1", "collect.videos=0"])[0] == _fork_kept([])[0] == _fork_kept([])[1]
+    assert not any("/eval/" in k for k in _fork_kept(["eval.episodes=3"])[0])
+    # a stage not completed in the source, or one whose input is not kept, is run again
+    from apo_ray.fork import reusable_stages
+
+    cfg = config.load(SMOKE)
+    assert reusable_stages(cfg, cfg, {"r0/demos/collect/nominal", "r0/base/train"}) == ["r0/demos/collect/nominal"]

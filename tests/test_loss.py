@@ -254,3 +254,32 @@ def test_loss_params_mirror_train_config():
     p = LossParams.from_train_config(TrainConfig(beta=0.3, lambda_norm="subset_mean", bc_weight=0.5))
     assert (p.beta, p.lambda_norm, p.bc_weight) == (0.3, "subset_mean", 0.5)
     assert set(LossParams.__dataclass_fields__) <= set(TrainConfig.__dataclass_fields__)
+
+
+def _perturbed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, str):
+        return {"subset_sum": "batch", "sum": "mean"}[value]
+    return value * 1.7 + 0.3
+
+
+def test_objective_params_list_every_param_an_objective_reads():
+    """A fork keeps an objective's trained stages when only parameters outside OBJECTIVE_PARAMS changed: so
+    changing any unlisted parameter must leave that objective's loss (and its gradient) bitwise unchanged."""
+    from apo_ray.loss import OBJECTIVE_PARAMS, OBJECTIVES
+
+    fields = LossParams.__dataclass_fields__
+    assert set(OBJECTIVE_PARAMS) == set(OBJECTIVES)
+    for name, read in OBJECTIVE_PARAMS.items():
+        assert set(read) <= set(fields), name
+        base, _ = objective_loss(name, tiny(), LossParams())
+        for f in set(fields) - set(read):
+            s = tiny()
+            p = LossParams(**{f: _perturbed(getattr(LossParams(), f))})
+            loss, _ = objective_loss(name, s, p)
+            assert loss.item() == base.item(), (name, f)
+    # and the listed ones are read: the APO loss moves with each of its weights
+    for f in ("beta", "desirable_weight", "undesirable_weight", "bc_weight", "beta_d", "reduction"):
+        moved, _ = objective_loss("apo", tiny(), LossParams(**{f: _perturbed(getattr(LossParams(), f))}))
+        assert moved.item() != objective_loss("apo", tiny(), LossParams())[0].item(), f

@@ -18,7 +18,7 @@ from pathlib import Path
 from apo_ray.errors import UserError
 
 # module names under apo_ray.cli, in --help order
-COMMANDS = ("tasks", "collect", "dataset", "export_hdf5", "export_hf", "train", "eval", "loop", "status", "report", "bench")
+COMMANDS = ("tasks", "collect", "dataset", "export_hdf5", "export_hf", "train", "eval", "loop", "fork", "status", "report", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
