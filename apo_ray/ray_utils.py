@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 
 # Environment every Ray worker needs: headless EGL rendering, DeepSpeed on CPU, no usage pings.
@@ -47,12 +48,38 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                 **kwargs)
+        _start_embedded(ray, num_cpus, kwargs)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+EMBEDDED_START_TRIES = 3
+
+
+def _start_embedded(ray, num_cpus: int | None, kwargs: dict) -> None:
+    # Ray gives a new node's raylet a fixed 30 s to register with its GCS; on a box already loaded by another
+    # run (2 cores, a training beside it) that can pass, and the stage would fail for nothing: start again
+    import psutil
+
+    me = psutil.Process()
+    for attempt in range(1, EMBEDDED_START_TRIES + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+                     **kwargs)
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == EMBEDDED_START_TRIES:
+                raise
+            # the failed node is not registered anywhere (ray.shutdown cannot see it): stop what it spawned
+            for p in me.children(recursive=True):
+                if p.pid not in before:
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+            ray.shutdown()
+            time.sleep(2.0 * attempt)
 
 
 def cluster_has(resource: str) -> bool:
