@@ -21,7 +21,7 @@ from apo_ray import config as config_mod
 from apo_ray import fsio
 from apo_ray.config import Config
 from apo_ray.errors import UserError
-from apo_ray.journal import JOURNAL, VERSION, Journal
+from apo_ray.journal import JOURNAL, Journal
 from apo_ray.loop import CONFIG_FILE, check_config, plan, saved_config_dict, stage_deps, stage_inputs
 from apo_ray.storage import is_uri
 
@@ -90,8 +90,7 @@ def fork_run(src_dir: str | os.PathLike[str], cfg: Config, run_dir: str | os.Pat
         _link_tree(src / key, tmp / key)
     fsio.write_json(tmp / CONFIG_FILE, cfg.to_dict())
     fsio.write_json(tmp / FORK_FILE, {"from": str(src.resolve()), "stages": kept})
-    fsio.write_json(tmp / JOURNAL, {"version": VERSION, "order": kept,
-                                    "stages": {k: journal.stages[k] for k in kept}})
+    Journal(tmp).adopt(journal, kept)
     if dst.exists():
         dst.rmdir()
     os.replace(tmp, dst)

@@ -77,6 +77,17 @@ class Journal:
         self.stages[key] = {"result": result, "seconds": round(seconds, 3), "finished": time.time()}
         if key not in self.order:
             self.order.append(key)
+        self._write()
+
+    def adopt(self, other: Journal, keys: list[str]) -> None:
+        """Take ``other``'s entries for ``keys`` unchanged (a fork: their stage dirs were linked in first)."""
+        for key in keys:
+            self.stages[key] = other.stages[key]
+            if key not in self.order:
+                self.order.append(key)
+        self._write()
+
+    def _write(self) -> None:
         fsio.write_json(self.path, {"version": VERSION, "stages": self.stages, "order": self.order})
 
     def last(self) -> str | None:

@@ -115,6 +115,16 @@ def stage_train_config(cfg: Config, st: Stage) -> Any:
     return dataclasses.replace(cfg.train, objective=st.arm)
 
 
+def stage_data_config(cfg: Config, st: Stage) -> Any:
+    """The DataConfig a dataset stage builds with: round 0 applies the ``loop.base_*`` batch and filter."""
+    dc, lp = cfg.data, cfg.loop
+    if st.round > 0:
+        return dc
+    return dataclasses.replace(dc, batch_size=lp.base_batch_size or dc.batch_size,
+                               idle_threshold=dc.idle_threshold if lp.base_idle_threshold < 0
+                               else lp.base_idle_threshold)
+
+
 def plan(cfg: Config) -> list[Stage]:
     """Every stage of the run, in execution order."""
     orig = original_scenario(cfg)
@@ -184,11 +194,8 @@ def stage_inputs(cfg: Config, st: Stage) -> dict[str, Any]:
             out["loop"] = {"rollouts_per_round": lp.rollouts_per_round,
                            "scenario_index": lp.scenarios.index(st.scenario)}
     elif st.kind == "dataset":
-        data = dict(d["data"])
-        if st.round == 0:
-            data["batch_size"] = lp.base_batch_size or data["batch_size"]
-            data["idle_threshold"] = data["idle_threshold"] if lp.base_idle_threshold < 0 else lp.base_idle_threshold
-        out["data"], out["model"] = section("data", data), section("model")
+        out["data"] = section("data", dataclasses.asdict(stage_data_config(cfg, st)))
+        out["model"] = section("model")
     elif st.kind == "train":
         tc = dataclasses.asdict(stage_train_config(cfg, st))
         unread = set(LossParams.__dataclass_fields__) - set(OBJECTIVE_PARAMS[tc["objective"]])
@@ -354,11 +361,7 @@ class Loop:
         ref = None if st.round == 0 else self.checkpoint(st.round - 1, policy_arm(self.cfg, st))
         # all interaction data the arm has gathered so far: data accumulates across rounds
         episode_dirs = [str(self.dir(k) / "episodes") for k in episode_keys(self.cfg, st.round, st.arm)]
-        dc, lp = self.cfg.data, self.cfg.loop
-        if st.round == 0:
-            dc = dataclasses.replace(dc, batch_size=lp.base_batch_size or dc.batch_size,
-                                     idle_threshold=dc.idle_threshold if lp.base_idle_threshold < 0
-                                     else lp.base_idle_threshold)
+        dc = stage_data_config(self.cfg, st)
         with _Ticker(st.key, None, self.progress):
             summary = build_dataset(episode_dirs, demos, work, dc, ref_checkpoint=ref,
                                     vocab_size=vocab_size(self.cfg, ref), address=self.address)
