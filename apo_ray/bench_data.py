@@ -34,10 +34,12 @@ def synth_episodes(out: Path, episodes: int, steps: int, image_size: int, seed: 
             c[start: start + n // 5] = S.C_CORRECTOR
             iid[start: start + n // 5] = 0
         a = rng.uniform(-1, 1, (n, 7)).astype(np.float32)
+        oracle = a.copy()  # the oracle agrees on the gripper and on corrector steps, not on the policy's motion
+        oracle[c != S.C_CORRECTOR, :3] = rng.uniform(-1, 1, (int((c != S.C_CORRECTOR).sum()), 3))
         steps_ = {
             S.EPISODE_ID: f"bench-{e:05d}", S.ROUND: 1, S.TASK: "lift", S.SCENARIO: "nominal", S.SEED: e,
             S.T: np.arange(n, dtype=np.int32), S.IMAGE: rng.integers(0, 255, (n, image_size, image_size, 3), np.uint8),
-            S.PROPRIO: rng.normal(size=(n, S.PROPRIO_DIM)).astype(np.float32), S.ACTION: a, S.ORACLE_ACTION: a,
+            S.PROPRIO: rng.normal(size=(n, S.PROPRIO_DIM)).astype(np.float32), S.ACTION: a, S.ORACLE_ACTION: oracle,
             S.C: c, S.INTERVENTION_ID: iid, S.REWARD: np.zeros(n, np.float32), S.DONE: np.arange(n) == n - 1,
             S.SUCCESS: True, S.INSTRUCTION: "lift the red cube", S.POLICY_VERSION: "bench",
             S.STATE: list(rng.normal(size=(n, 32))),

@@ -141,6 +141,11 @@ class TrainConfig:
     kl_allreduce: bool = False
     bc_weight: float = 0.0
     """Extra NLL on desirable samples (the paper's unused ``bc_weight`` knob)."""
+    undesirable_tokens: str = "all"
+    """APO/KTO: ``all`` 7 action tokens in an undesirable sample's reward (the paper), or ``differ``: only those
+    that differ from the corrector's action at the same step (docs/FINDINGS.md §12)."""
+    corrector_weight: float = 1.0
+    """APO/KTO: weight of corrector steps (c=2) among the desirable samples, relative to policy steps and demos."""
     checkpoint_every: int = 50
     sirius_intervention_weight: float = 2.0
     sirius_preintervention_weight: float = 0.0
@@ -225,6 +230,12 @@ class Config:
         if self.data.demo_label not in ("action", "oracle"):
             raise UserError(f"unknown data.demo_label '{self.data.demo_label}'", "config data.demo_label",
                             "use action or oracle")
+        if self.train.undesirable_tokens not in ("all", "differ"):
+            raise UserError(f"unknown train.undesirable_tokens '{self.train.undesirable_tokens}'",
+                            "config train.undesirable_tokens", "use all or differ")
+        if self.train.corrector_weight < 0:
+            raise UserError("train.corrector_weight must be >= 0", "config train.corrector_weight",
+                            "set a non-negative weight (1.0 = the paper)")
         if self.loop.base_batch_size < 0:
             raise UserError("loop.base_batch_size must be >= 0", "config loop.base_batch_size",
                             "set 0 (use data.batch_size) or a positive batch size")

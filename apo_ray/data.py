@@ -59,7 +59,8 @@ ACTION_BINS = "action_bins"
 ACTION_TOKENS = "action_tokens"
 ORACLE_TOKENS = "oracle_tokens"
 REF_LOGP, REF_LOGP_U, REF_KL_LOGP, REF_LOGP_ORACLE = "ref_logp", "ref_logp_u", "ref_kl_logp", "ref_logp_oracle"
-REF_COLUMNS = (REF_LOGP, REF_LOGP_U, REF_KL_LOGP, REF_LOGP_ORACLE)
+REF_LOGP_U_DIFFER = "ref_logp_u_differ"
+REF_COLUMNS = (REF_LOGP, REF_LOGP_U, REF_KL_LOGP, REF_LOGP_ORACLE, REF_LOGP_U_DIFFER)
 TARGET_PARTITION_BYTES = 32 << 20
 
 # Columns of one output row (one micro-batch); every one but batch_id has leading dim B.
@@ -331,9 +332,10 @@ def _assemble(batch: dict[str, np.ndarray], batch_size: int) -> pa.Table:
     return pa.table(cols)
 
 
-LogpFn = Callable[[dict[str, np.ndarray], np.ndarray, bool], np.ndarray]
-"""``fn(micro_batch, tokens (B, 7) int32, with_eos) -> (B,)`` summed log-prob of ``tokens`` (+ EOS) under the
-frozen reference, ``micro_batch`` being one output row as arrays with leading dim B."""
+LogpFn = Callable[[dict[str, np.ndarray], list[np.ndarray]], list[np.ndarray]]
+"""``fn(micro_batch, token_sets) -> per_token``: for each set of tokens (B, 7) int32, the per-token log-probs
+(B, 8) of those tokens then EOS under the frozen reference, ``micro_batch`` being one output row as arrays with
+leading dim B. One call scores every set, so the observations are encoded once."""
 
 
 class RefLogp:
@@ -341,8 +343,9 @@ class RefLogp:
 
     Per micro-batch: ``ref_logp`` (action tokens + EOS, the desirable reward), ``ref_logp_u`` (action tokens
     only, the undesirable reward), ``ref_kl_logp`` (row i+1's action tokens within the micro-batch, wrapping,
-    the KL term's mismatched pair) and ``ref_logp_oracle`` (oracle tokens + EOS, DPO's chosen side). The trainer
-    then needs no reference forward pass.
+    the KL term's mismatched pair), ``ref_logp_oracle`` (oracle tokens + EOS, DPO's chosen side) and
+    ``ref_logp_u_differ`` (only the action tokens that differ from the oracle's, ``train.undesirable_tokens``).
+    The trainer then needs no reference forward pass.
     """
 
     def __init__(self, make_logp_fn: Callable[[], LogpFn]) -> None:
@@ -356,11 +359,13 @@ class RefLogp:
         for i in range(table.num_rows):
             mb = {name: v[i] for name, v in cols.items()}
             mb.update({name: np.asarray(v[i], dtype=object) for name, v in lists.items()})
-            tok = mb[ACTION_TOKENS]
-            out[REF_LOGP].append(self.fn(mb, tok, True))
-            out[REF_LOGP_U].append(self.fn(mb, tok, False))
-            out[REF_KL_LOGP].append(self.fn(mb, np.roll(tok, -1, axis=0), False))
-            out[REF_LOGP_ORACLE].append(self.fn(mb, mb[ORACLE_TOKENS], True))
+            tok, oracle = mb[ACTION_TOKENS], mb[ORACLE_TOKENS]
+            own, kl, orc = (np.asarray(x, np.float64) for x in self.fn(mb, [tok, np.roll(tok, -1, axis=0), oracle]))
+            out[REF_LOGP].append(own.sum(axis=1))
+            out[REF_LOGP_U].append(own[:, :7].sum(axis=1))
+            out[REF_LOGP_U_DIFFER].append((own[:, :7] * (tok != oracle)).sum(axis=1))
+            out[REF_KL_LOGP].append(kl[:, :7].sum(axis=1))
+            out[REF_LOGP_ORACLE].append(orc.sum(axis=1))
         for name in REF_COLUMNS:
             table = table.append_column(name, S.tensor_array(np.stack(out[name]).astype(np.float32)))
         return table

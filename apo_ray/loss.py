@@ -9,7 +9,9 @@ metrics. The math follows ``shared/docs/apo_spec.md`` §2, "code as written" by 
 * KL estimate ``z = clamp(mean_i(log π_θ(a_{i+1}|o_i) − log π_ref(a_{i+1}|o_i)), ±kl_clamp)``, detached,
   from mismatched pairs (each sample scored with the next sample's actions inside its micro-batch);
   ``kl_nonneg`` clamps it to ``[0, kl_clamp]`` instead;
-* ``L_D = 1 − σ(β(r − z))``, ``L_U = 1 − σ(β(z − r))``, weighted by desirable/undesirable weights;
+* ``L_D = 1 − σ(β(r − z))``, ``L_U = 1 − σ(β(z − r))``, weighted by desirable/undesirable weights (and
+  ``corrector_weight`` on corrector steps, c=2); ``undesirable_tokens="differ"`` sums an undesirable sample's
+  reward only over the tokens that differ from the corrector's action at that step (an extension, not the paper);
 * APO: ``λ_D = 1 − exp(−β_D w)``, ``λ_U = exp(−β_U w)`` with ``w`` the L1 action error normalised per subset
   (``subset_sum``, the paper's code), by the per-subset mean (``subset_mean``, batch-size invariant) or over
   the whole micro-batch (``batch``, the paper's text);
@@ -33,6 +35,7 @@ OBJECTIVES = ("apo", "kto", "dagger", "sirius", "dpo", "bc")
 NEEDS_REFERENCE = {"apo", "kto", "dpo"}
 NEEDS_UNDESIRABLE = {"apo", "kto", "dpo"}
 LAMBDA_NORMS = ("subset_sum", "subset_mean", "batch")
+UNDESIRABLE_TOKENS = ("all", "differ")
 _EPS = 1e-4  # the paper's code: w_i = (l_i + 1e-4) / (Σ l + 1e-4)
 
 
@@ -60,6 +63,10 @@ class Scores:
     # DPO's chosen side: the oracle's action tokens + EOS
     oracle_logp: Tensor | None = None
     ref_oracle_logp: Tensor | None = None
+    # undesirable_tokens="differ": (N, 7) which action tokens differ from the oracle's at the same step, and the
+    # reference's log-prob summed over just those tokens
+    differ_mask: Tensor | None = None
+    ref_logp_u_differ: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,8 @@ class LossParams:
     bc_weight: float = 0.0
     sirius_intervention_weight: float = 2.0
     sirius_preintervention_weight: float = 0.0
+    undesirable_tokens: str = "all"
+    corrector_weight: float = 1.0
 
     @classmethod
     def from_train_config(cls, t) -> LossParams:
@@ -86,7 +95,7 @@ class LossParams:
 
 
 _KTO_PARAMS = ("beta", "kl_clamp", "kl_nonneg", "desirable_weight", "undesirable_weight", "reweight", "beta_d",
-               "beta_u", "lambda_norm", "reduction", "bc_weight")
+               "beta_u", "lambda_norm", "reduction", "bc_weight", "undesirable_tokens", "corrector_weight")
 OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
     "apo": _KTO_PARAMS, "kto": _KTO_PARAMS, "dpo": ("beta",),
     "sirius": ("sirius_intervention_weight", "sirius_preintervention_weight"), "dagger": (), "bc": (),
@@ -167,19 +176,34 @@ def _weighted_mean(x: Tensor, w: Tensor) -> Tensor:
     return (x * w).sum() / w.sum().clamp(min=1e-8)
 
 
+def undesirable_reward(s: Scores, tokens: str = "all") -> Tensor:
+    """r_U (N,): policy minus reference log-prob over the 7 action tokens (``all``), or only over the tokens
+    that differ from the corrector's action at the same step (``differ``). A relabelled step shares most of its
+    gripper tokens with the corrector that took over; pushing those down lowers what the desirable term raises."""
+    if tokens == "all":
+        return s.logp_u - s.ref_logp_u
+    if tokens != "differ":
+        raise ValueError(f"undesirable_tokens must be one of {UNDESIRABLE_TOKENS}, got {tokens!r}")
+    if s.differ_mask is None or s.ref_logp_u_differ is None:
+        raise ValueError("undesirable_tokens='differ' needs the differ mask and the reference's masked log-probs")
+    mask = s.differ_mask.to(s.token_logp.dtype)
+    return (s.token_logp[:, :7] * mask).sum(dim=1) - s.ref_logp_u_differ
+
+
 def apo_loss(s: Scores, p: LossParams, allreduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, dict]:
     """APO (= KTO when ``p.reweight`` is False), optionally plus ``bc_weight`` × NLL on desirable samples."""
     if s.ref_logp is None or s.ref_logp_u is None or s.kl_logp is None or s.ref_kl_logp is None:
         raise ValueError("apo/kto need reference and mismatched-pair log-probs")
     desirable = s.c != 0
     r_d = s.logp - s.ref_logp
-    r_u = s.logp_u - s.ref_logp_u
+    r_u = undesirable_reward(s, p.undesirable_tokens)
     z = kl_estimate(s.kl_logp, s.ref_kl_logp, s.group, p.kl_clamp, allreduce, p.kl_nonneg)
     lo, hi = kl_bounds(p.kl_clamp, p.kl_nonneg)
     z_i = z.repeat_interleave(s.group)
     loss_d = 1.0 - torch.sigmoid(p.beta * (r_d - z_i))
     loss_u = 1.0 - torch.sigmoid(p.beta * (z_i - r_u))
-    per = torch.where(desirable, p.desirable_weight * loss_d, p.undesirable_weight * loss_u)
+    w_d = torch.where(s.c == 2, p.desirable_weight * p.corrector_weight, p.desirable_weight)
+    per = torch.where(desirable, w_d * loss_d, p.undesirable_weight * loss_u)
     if p.reweight:
         lam = adaptive_lambdas(s.l1, desirable, s.group, p.lambda_norm, p.beta_d, p.beta_u)
     else:
@@ -198,6 +222,8 @@ def apo_loss(s: Scores, p: LossParams, allreduce: Callable[[Tensor], Tensor] | N
         "loss_D": _weighted_mean(loss_d.detach(), dmask).item() if dmask.sum() > 0 else float("nan"),
         "loss_U": _weighted_mean(loss_u.detach(), umask).item() if umask.sum() > 0 else float("nan"),
     }
+    if p.undesirable_tokens == "differ" and umask.sum() > 0:
+        metrics["u_tokens_differ"] = _weighted_mean(s.differ_mask.float().mean(dim=1), umask).item()
     if p.bc_weight:
         bc = _weighted_mean(token_nll(s.token_logp), dmask)
         loss = loss + p.bc_weight * bc

@@ -398,6 +398,11 @@ class TokenScores:
         return self.token_logp[:, :ACTION_DIM].sum(dim=1)
 
 
+def logp_where_differ(token_logp: torch.Tensor, tokens: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """(N,) log-prob summed over the action tokens (of ``token_logp``'s first 7) that differ from ``other``."""
+    return (token_logp[:, :ACTION_DIM] * (tokens != other).to(token_logp.dtype)).sum(dim=1)
+
+
 def score_actions(model: nn.Module, inputs: VLAInputs, token_sets: list[torch.Tensor], meta: VLAMeta) -> list[TokenScores]:
     """Score several action-token sets (each (N,7)) for the same observations in one LLM forward.
 
@@ -465,8 +470,9 @@ def reference_logps(model: nn.Module, proc: Processor, images: np.ndarray, instr
                     proprio: np.ndarray | None = None, group: int = 8) -> dict[str, np.ndarray]:
     """The reference stage's columns for N = G·group samples (one or more micro-batches):
     ``ref_logp`` (7 action tokens + EOS), ``ref_logp_u`` (7 tokens), ``ref_kl_logp`` (row i+1's 7 tokens,
-    wrapping in the micro-batch) and, with oracle tokens, ``ref_logp_oracle`` (oracle tokens + EOS).
-    The trainer's live reference computes the same numbers with the same function calls."""
+    wrapping in the micro-batch) and, with oracle tokens, ``ref_logp_oracle`` (oracle tokens + EOS) and
+    ``ref_logp_u_differ`` (the action tokens that differ from the oracle's). The trainer's live reference
+    computes the same numbers with the same function calls."""
     model.eval()
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -479,12 +485,14 @@ def reference_logps(model: nn.Module, proc: Processor, images: np.ndarray, instr
     out = {"ref_logp": sc[0].logp, "ref_logp_u": sc[0].logp_u, "ref_kl_logp": sc[1].logp_u}
     if oracle_tokens is not None:
         out["ref_logp_oracle"] = sc[2].logp
+        out["ref_logp_u_differ"] = logp_where_differ(sc[0].token_logp, own, sets[2])
     return {k: v.float().cpu().numpy().astype(np.float32) for k, v in out.items()}
 
 
 def reference_logp_fn(checkpoint: str | Path):
-    """``fn(micro_batch, tokens (B,7), with_eos) -> (B,)`` summed reference log-probs (the dataset's reference
-    stage, :data:`apo_ray.data.LogpFn`); same scoring code as the trainer's live reference."""
+    """``fn(micro_batch, token_sets) -> [(B,8)]`` per-token reference log-probs of each set of (B,7) tokens + EOS
+    (the dataset's reference stage, :data:`apo_ray.data.LogpFn`); same scoring code as the trainer's live
+    reference."""
     ref, proc, _ = load_policy(checkpoint)
     # the trainer's policy runs in bf16 on CUDA; a reference scored in another dtype would offset every log-ratio
     ref.to(*(("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32))).eval()
@@ -492,10 +500,10 @@ def reference_logp_fn(checkpoint: str | Path):
     dtype = next(ref.parameters()).dtype
 
     @torch.no_grad()
-    def fn(mb: dict[str, np.ndarray], tokens: np.ndarray, with_eos: bool) -> np.ndarray:
+    def fn(mb: dict[str, np.ndarray], token_sets: list[np.ndarray]) -> list[np.ndarray]:
         inp = proc(mb["image"], [str(x) for x in mb["instruction"]], mb.get("proprio")).to(dev, dtype)
-        sc = score_actions(ref, inp, [torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=dev)], proc.meta)[0]
-        return (sc.logp if with_eos else sc.logp_u).float().cpu().numpy().astype(np.float32)
+        sets = [torch.as_tensor(np.asarray(t), dtype=torch.long, device=dev) for t in token_sets]
+        return [sc.token_logp.float().cpu().numpy() for sc in score_actions(ref, inp, sets, proc.meta)]
 
     return fn
 

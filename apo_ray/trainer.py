@@ -30,6 +30,8 @@ from apo_ray.errors import UserError
 from apo_ray.loss import NEEDS_REFERENCE, NEEDS_UNDESIRABLE, OBJECTIVES
 
 REF_COLUMNS = ("ref_logp", "ref_logp_u", "ref_kl_logp")
+# written by today's reference stage; older datasets may lack them (then a run that needs one uses a live replica)
+OPTIONAL_REF_COLUMNS = ("ref_logp_oracle", "ref_logp_u_differ")
 BASE_COLUMNS = ("image", "proprio", "instruction", "action_tokens", "oracle_tokens", "c", "is_expert")
 NAN_MARKER = "NONFINITE.json"
 FAIL_ENV = "APO_RAY_FAIL_AT_STEP"
@@ -81,7 +83,7 @@ def _inspect_dataset(data_dir: Path) -> dict[str, Any]:
             "instructions": sorted(instructions), "c_counts": c_counts.tolist(),
             "proprio_stats": proprio_stats(np.concatenate(proprio)),
             "has_ref": all(c in schema.names for c in REF_COLUMNS),
-            "has_ref_oracle": "ref_logp_oracle" in schema.names}
+            "ref_optional": [c for c in OPTIONAL_REF_COLUMNS if c in schema.names]}
 
 
 def proprio_stats(proprio: np.ndarray) -> dict[str, list[float]]:
@@ -113,13 +115,17 @@ def _reference_mode(cfg: Config, info: dict, init: str) -> str:
     t = cfg.train
     if t.objective not in NEEDS_REFERENCE:
         return "none"
-    need_oracle = t.objective == "dpo"
-    cached_ok = info["has_ref"] and (info["has_ref_oracle"] or not need_oracle)
+    need = {"ref_logp_oracle"} if t.objective == "dpo" else set()
+    if t.objective in ("apo", "kto") and t.undesirable_tokens == "differ":
+        need.add("ref_logp_u_differ")
+    cached_ok = info["has_ref"] and need <= set(info["ref_optional"])
     ref = (info["manifest"].get("reference") or {}).get("checkpoint", "")
     same = bool(ref) and init != "scratch" and _same_ckpt(ref, init)
     if t.reference == "cached":
         if not cached_ok:
-            raise UserError("train.reference=cached but the dataset has no reference log-prob columns",
+            missing = sorted((set(REF_COLUMNS) if not info["has_ref"] else set()) | (need - set(info["ref_optional"])))
+            raise UserError(f"train.reference=cached but the dataset has no reference log-prob columns "
+                            f"{', '.join(missing)}",
                             "config train.reference", "build the dataset with --ref-checkpoint, or use live")
         if ref and not same:
             raise UserError(f"the dataset's reference log-probs come from {ref}, not from --init {init}",
@@ -267,7 +273,7 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cols = list(BASE_COLUMNS) + (list(REF_COLUMNS) + (["ref_logp_oracle"] if info["has_ref_oracle"] else [])
+    cols = list(BASE_COLUMNS) + (list(REF_COLUMNS) + info["ref_optional"]
                                  if loop_cfg["ref_mode"] == "cached" else [])
     ds = ray.data.read_parquet(info["shards"], columns=cols, num_cpus=0.25)
     use_gpu = bool(t.use_gpu and ray.cluster_resources().get("GPU", 0) >= t.workers)
@@ -465,21 +471,23 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
             own = torch.as_tensor(b["action_tokens"], dtype=torch.long, device=device)
             c = torch.as_tensor(b["c"].astype(np.int64), device=device)
             is_expert = torch.as_tensor(b["is_expert"].astype(bool), device=device)
+            oracle = torch.as_tensor(b["oracle_tokens"], dtype=torch.long, device=device)
             sets = [own]
             if t.objective in ("apo", "kto"):
                 sets.append(M.rolled(own, group))
             if t.objective == "dpo":
-                sets.append(torch.as_tensor(b["oracle_tokens"], dtype=torch.long, device=device))
+                sets.append(oracle)
             sc = M.score_actions(engine, inp, sets, meta)
             l1 = M.decoded_l1(sc[0].pred_tokens, own, meta).detach()
             s = Scores(logp=sc[0].logp, logp_u=sc[0].logp_u, token_logp=sc[0].token_logp, c=c,
                        is_expert=is_expert, l1=l1, group=group)
             if lc["ref_mode"] == "cached":
                 ref_cols = {k: torch.as_tensor(b[k], dtype=torch.float32, device=device)
-                            for k in (*REF_COLUMNS, "ref_logp_oracle") if k in b}
+                            for k in (*REF_COLUMNS, *OPTIONAL_REF_COLUMNS) if k in b}
                 s.ref_logp, s.ref_logp_u = ref_cols["ref_logp"], ref_cols["ref_logp_u"]
                 s.ref_kl_logp = ref_cols["ref_kl_logp"]
                 s.ref_oracle_logp = ref_cols.get("ref_logp_oracle")
+                s.ref_logp_u_differ = ref_cols.get("ref_logp_u_differ")
             elif lc["ref_mode"] == "live":
                 with torch.no_grad():
                     rs = M.score_actions(ref, inp, sets, meta)
@@ -488,8 +496,10 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
                     s.ref_oracle_logp = rs[1].logp.float()
                 else:
                     s.ref_kl_logp = rs[1].logp_u.float()
+                    s.ref_logp_u_differ = M.logp_where_differ(rs[0].token_logp.float(), own, oracle)
             if t.objective in ("apo", "kto"):
                 s.kl_logp = sc[1].logp_u
+                s.differ_mask = own != oracle
             if t.objective == "dpo":
                 s.oracle_logp = sc[1].logp
             loss, m = objective_loss(t.objective, s, params_loss, kl_reduce)

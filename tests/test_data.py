@@ -285,9 +285,9 @@ def test_ref_stage_columns() -> None:
     """RefLogp on one literal micro-batch row, with a reference whose log-prob is worked out by hand:
     every token has log-prob -(token % 7) / 10 and EOS has -0.5."""
     def make():
-        def fn(mb, tokens, eos):
-            assert tokens.shape == (len(mb[S.C]), 7)
-            return -(tokens % 7).sum(axis=1) / 10 - (0.5 if eos else 0.0)
+        def fn(mb, token_sets):
+            assert [t.shape for t in token_sets] == [(len(mb[S.C]), 7)] * 3
+            return [np.concatenate([-(t % 7) / 10, np.full((len(t), 1), -0.5)], axis=1) for t in token_sets]
         return fn
 
     tok = np.arange(3 * 7, dtype=np.int32).reshape(1, 3, 7) + 100
@@ -298,14 +298,19 @@ def test_ref_stage_columns() -> None:
         else:
             row[name] = S.tensor_array(np.zeros((1, 3, 7), np.int32))
     row[D.ACTION_TOKENS] = S.tensor_array(tok)
-    row[D.ORACLE_TOKENS] = S.tensor_array(tok[:, ::-1].copy())
+    oracle = tok[:, ::-1].copy()
+    oracle[0, 0, :5] = tok[0, 0, :5]  # row 0 differs from its oracle in its last 2 tokens, row 1 in none
+    row[D.ORACLE_TOKENS] = S.tensor_array(oracle)
     row[S.C] = S.tensor_array(np.ones((1, 3), np.int8))
     out = D.RefLogp(make)(pa.table(row))
     base = -(tok[0] % 7).sum(axis=1) / 10
     np.testing.assert_allclose(S.column_to_numpy(out[D.REF_LOGP])[0], base - 0.5, atol=1e-6)
     np.testing.assert_allclose(S.column_to_numpy(out[D.REF_LOGP_U])[0], base, atol=1e-6)
     np.testing.assert_allclose(S.column_to_numpy(out[D.REF_KL_LOGP])[0], np.roll(base, -1), atol=1e-6)
-    np.testing.assert_allclose(S.column_to_numpy(out[D.REF_LOGP_ORACLE])[0], base[::-1] - 0.5, atol=1e-6)
+    orc = -(oracle[0] % 7).sum(axis=1) / 10
+    np.testing.assert_allclose(S.column_to_numpy(out[D.REF_LOGP_ORACLE])[0], orc - 0.5, atol=1e-6)
+    np.testing.assert_allclose(S.column_to_numpy(out[D.REF_LOGP_U_DIFFER])[0],
+                               [-(tok[0, 0, 5:] % 7).sum() / 10, 0.0, base[2]], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -151,6 +151,29 @@ def test_kto_is_apo_without_reweighting_and_bc_weight():
     assert_close(m["bc_nll"], 3 / 16)
 
 
+def test_undesirable_tokens_differ_and_corrector_weight_hand_computed():
+    """``differ``: sample 2's first 2 tokens differ from the oracle's → r_U = 2·(−3/8) − (−1.0) = 0.25; sample 3
+    matches the oracle everywhere → r_U = 0 and no gradient. corrector_weight 3 triples sample 1's (c=2) L_D."""
+    mask = torch.zeros(4, 7, dtype=torch.bool)
+    mask[2, :2] = True
+    s = tiny(differ_mask=mask, ref_logp_u_differ=t(9.0, 9.0, -1.0, 0.0))  # desirable rows' values are unused
+    p = LossParams(reweight=False, undesirable_tokens="differ", corrector_weight=3.0)
+    loss, m = apo_loss(s, p)
+    lu = [1 - sig(0.1 * (Z - 0.25)), 1 - sig(0.1 * (Z - 0.0))]
+    assert_close(loss, t(L[0] + 3 * L[1] + lu[0] + lu[1])[0])
+    assert_close(m["r_U"], 0.125)
+    assert_close(m["u_tokens_differ"], (2 / 7 + 0) / 2)
+    loss.backward()
+    g = s.token_logp.grad
+    assert (g[2, :2] > 0).all() and (g[2, 2:] == 0).all() and (g[3] == 0).all()
+    assert s.logp_u.grad is None or (s.logp_u.grad == 0).all()
+    with pytest.raises(ValueError, match="differ mask"):
+        apo_loss(tiny(), p)
+    # the defaults are the paper's loss
+    assert_close(apo_loss(tiny(), LossParams(undesirable_tokens="all", corrector_weight=1.0))[0],
+                 apo_loss(tiny(), LossParams())[0])
+
+
 def test_beta_to_zero_limit():
     """β → 0: every L_i → 1/2, so KTO → N/2."""
     assert_close(kto_loss(tiny(), LossParams(beta=1e-9))[0], t(2.0)[0])
@@ -260,7 +283,7 @@ def _perturbed(value):
     if isinstance(value, bool):
         return not value
     if isinstance(value, str):
-        return {"subset_sum": "batch", "sum": "mean"}[value]
+        return {"subset_sum": "batch", "sum": "mean", "all": "differ"}[value]
     return value * 1.7 + 0.3
 
 

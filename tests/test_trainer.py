@@ -135,6 +135,22 @@ def test_dataset_built_against_a_reference_keeps_its_action_statistics(built):
     assert m["action_stats"]["q01"] == STATS["q01"] and m["action_stats"]["q99"] == STATS["q99"]
 
 
+def test_reference_mode_needs_every_column_the_loss_reads(tmp_path):
+    """A dataset built before a reference column existed trains against a live replica under ``auto``, and
+    ``cached`` refuses it with one clear error naming the column."""
+    from apo_ray.trainer import _reference_mode
+
+    info = {"has_ref": True, "ref_optional": ["ref_logp_oracle"], "manifest": {"reference": {"checkpoint": "/c"}}}
+    assert _reference_mode(tiny_cfg(objective="apo"), info, "/c") == "cached"
+    assert _reference_mode(tiny_cfg(objective="dpo"), info, "/c") == "cached"
+    assert _reference_mode(tiny_cfg(objective="apo", undesirable_tokens="differ"), info, "/c") == "live"
+    with pytest.raises(UserError, match="no reference log-prob columns ref_logp_u_differ"):
+        _reference_mode(tiny_cfg(objective="apo", undesirable_tokens="differ", reference="cached"), info, "/c")
+    info["ref_optional"].append("ref_logp_u_differ")
+    assert _reference_mode(tiny_cfg(objective="kto", undesirable_tokens="differ"), info, "/c") == "cached"
+    assert _reference_mode(tiny_cfg(objective="dagger", undesirable_tokens="differ"), info, "/c") == "none"
+
+
 @pytest.mark.ray
 def test_cached_reference_matches_live(built, init_ckpt):
     """The loss with the pipeline's ref_* columns equals the loss with a live replica within 1e-5."""
@@ -161,23 +177,26 @@ def test_cached_reference_matches_live(built, init_ckpt):
     with torch.no_grad():
         rs = M.score_actions(ref, inp, sets, proc.meta)
     cached = {k: torch.as_tensor(column_to_numpy(t[k]).reshape(-1)) for k in
-              ("ref_logp", "ref_logp_u", "ref_kl_logp", "ref_logp_oracle")}
+              ("ref_logp", "ref_logp_u", "ref_kl_logp", "ref_logp_oracle", "ref_logp_u_differ")}
     torch.testing.assert_close(cached["ref_logp"], rs[0].logp, atol=1e-5, rtol=0)
     torch.testing.assert_close(cached["ref_kl_logp"], rs[1].logp_u, atol=1e-5, rtol=0)
+    assert (toks != orc).any() and (toks == orc).any()
 
     def scores(r):
         return Scores(logp=sc[0].logp, logp_u=sc[0].logp_u, token_logp=sc[0].token_logp, c=c,
                       is_expert=torch.zeros_like(c, dtype=torch.bool), l1=M.decoded_l1(sc[0].pred_tokens, toks, proc.meta),
                       ref_logp=r[0], ref_logp_u=r[1], kl_logp=sc[1].logp_u, ref_kl_logp=r[2],
-                      oracle_logp=sc[2].logp, ref_oracle_logp=r[3])
+                      oracle_logp=sc[2].logp, ref_oracle_logp=r[3], differ_mask=toks != orc, ref_logp_u_differ=r[4])
 
-    live = scores((rs[0].logp, rs[0].logp_u, rs[1].logp_u, rs[2].logp))
-    cach = scores((cached["ref_logp"], cached["ref_logp_u"], cached["ref_kl_logp"], cached["ref_logp_oracle"]))
+    live = scores((rs[0].logp, rs[0].logp_u, rs[1].logp_u, rs[2].logp, M.logp_where_differ(rs[0].token_logp, toks, orc)))
+    cach = scores(tuple(cached[k] for k in ("ref_logp", "ref_logp_u", "ref_kl_logp", "ref_logp_oracle",
+                                            "ref_logp_u_differ")))
+    for p in (LossParams(), LossParams(undesirable_tokens="differ", corrector_weight=2.0)):
+        a, _ = apo_loss(live, p)
+        b, _ = apo_loss(cach, p)
+        assert abs(a.item()) > 0
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     p = LossParams()
-    a, _ = apo_loss(live, p)
-    b, _ = apo_loss(cach, p)
-    assert abs(a.item()) > 0
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     torch.testing.assert_close(dpo_loss(live, p)[0], dpo_loss(cach, p)[0], atol=1e-5, rtol=0)
 
 
