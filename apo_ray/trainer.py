@@ -359,19 +359,23 @@ def _batch_arrays(b: dict) -> dict[str, np.ndarray]:
 
 
 def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop reads best in one place
-    import deepspeed
     import ray.train
     import torch
+
+    cfg = from_dict(lc["cfg"])
+    t, mc = cfg.train, cfg.model
+    cuda = torch.cuda.is_available() and t.use_gpu
+    # DeepSpeed fixes its accelerator at import. The runtime env carries the driver's DS_ACCELERATOR=cpu (a CPU
+    # head), which on a GPU node would run the engine's collectives and optimizer on the CPU path.
+    os.environ["DS_ACCELERATOR"] = "cuda" if cuda else "cpu"
+    import deepspeed
     import torch.distributed as dist
 
     from apo_ray import model as M
     from apo_ray.loss import LossParams, Scores, objective_loss
 
-    cfg = from_dict(lc["cfg"])
-    t, mc = cfg.train, cfg.model
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cuda = torch.cuda.is_available() and t.use_gpu
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if cuda else "cpu")
     threads = t.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
     torch.set_num_threads(threads)

@@ -6,6 +6,8 @@
 #   HF_VLA=/models/openvla-7b IMAGE_SIZE=224 bash scripts/gpu_check.sh   # a real local HF VLA instead of the
 #                                                   # exported tiny one (not run: no weights or GPU where it was written)
 #   GPU_CHECK_CPU=1 bash scripts/gpu_check.sh       # the same steps on CPU (fp32, gloo): checks the script itself
+#   GPU_CHECK_SYNTH=1 PY=python3 bash scripts/gpu_check.sh   # a GPU box without robosuite/EGL: synthesized
+#                                                   # episodes instead of simulator rollouts, and no eval
 # Steps: GPU-only tests; oracle demos and noisy deployments with corrector takeovers; a tiny BC policy; that policy
 # exported as an HF remote-code dir (apo-ray export-hf); BC with LoRA on it; the dataset's reference stage with the
 # LoRA checkpoint (on a GPU of its own); APO against the cached reference (ZeRO-2) and against a live replica
@@ -15,8 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_check}
 export MUJOCO_GL=${MUJOCO_GL:-egl} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl} RAY_USAGE_STATS_ENABLED=0
-PY=.venv/bin/python
-APO=.venv/bin/apo-ray
+PY=${PY:-.venv/bin/python}
+APO="$PY -m apo_ray"
 W=${WORKERS:-4}
 IMG=${IMAGE_SIZE:-64}
 mkdir -p "$OUT"
@@ -33,11 +35,18 @@ else
   W=2
 fi
 
-step "oracle demos and corrected noisy deployments (lift)"
-$APO collect --task lift --policy oracle --no-corrector --episodes 16 --workers "$W" --seed 0 --image-size "$IMG" \
-  --out "$OUT/demos" --resume
-$APO collect --task lift --scenario position --policy noisy-oracle:0.3 --episodes 8 --workers "$W" --seed 500000 \
-  --image-size "$IMG" --out "$OUT/deploy" --resume
+if [ -z "${GPU_CHECK_SYNTH:-}" ]; then
+  step "oracle demos and corrected noisy deployments (lift)"
+  $APO collect --task lift --policy oracle --no-corrector --episodes 16 --workers "$W" --seed 0 --image-size "$IMG" \
+    --out "$OUT/demos" --resume
+  $APO collect --task lift --scenario position --policy noisy-oracle:0.3 --episodes 8 --workers "$W" --seed 500000 \
+    --image-size "$IMG" --out "$OUT/deploy" --resume
+else
+  step "synthesized episodes in the collect schema (no simulator)"
+  $PY -c "import sys; from pathlib import Path; from apo_ray.bench_data import synth_episodes as s
+s(Path(sys.argv[1]) / 'demos/episodes', 16, 40, int(sys.argv[2]), seed=0)
+s(Path(sys.argv[1]) / 'deploy/episodes', 8, 40, int(sys.argv[2]), seed=1)" "$OUT" "$IMG"
+fi
 
 step "tiny BC policy in bf16 (ZeRO-2), exported as an HF remote-code VLA"
 $APO dataset --demos "$OUT/demos/episodes" --out "$OUT/ds_demos"
@@ -48,6 +57,7 @@ if [ -z "${HF_VLA:-}" ]; then
   $APO export-hf --checkpoint "$OUT/bc_tiny/checkpoint" --out "$HF"
 fi
 LORA=(model.kind=hf "model.path=$HF" model.lora_r=8)
+TGT=(train.undesirable_tokens=differ train.corrector_weight=2.0)  # the FINDINGS §12 options, cached and live
 
 step "model.kind hf: BC with LoRA adapters (ZeRO-2)"
 $APO train --data "$OUT/ds_demos" --init scratch --objective bc --workers 1 --zero 2 --epochs 1 --out "$OUT/bc_hf" \
@@ -57,15 +67,19 @@ step "reference stage with the LoRA checkpoint, then APO: cached reference (ZeRO
 $APO dataset --episodes "$OUT/deploy/episodes" --demos "$OUT/demos/episodes" --out "$OUT/ds_ref" \
   --ref-checkpoint "$OUT/bc_hf/checkpoint"
 $APO train --data "$OUT/ds_ref" --init "$OUT/bc_hf/checkpoint" --objective apo --workers 1 --zero 2 --epochs 1 \
-  --out "$OUT/apo_cached" train.max_steps=4 train.lr=0 "${LORA[@]}" | tail -n 1 > "$OUT/apo_cached.json"
+  --out "$OUT/apo_cached" train.max_steps=4 train.lr=0 "${LORA[@]}" "${TGT[@]}" | tail -n 1 > "$OUT/apo_cached.json"
 $APO train --data "$OUT/ds_ref" --init "$OUT/bc_hf/checkpoint" --objective apo --workers 1 --zero 3 --epochs 1 \
-  --out "$OUT/apo_live" train.max_steps=4 train.lr=0 train.reference=live "${LORA[@]}" | tail -n 1 > "$OUT/apo_live.json"
+  --out "$OUT/apo_live" train.max_steps=4 train.lr=0 train.reference=live "${LORA[@]}" "${TGT[@]}" | tail -n 1 > "$OUT/apo_live.json"
 $APO train --data "$OUT/ds_ref" --init "$OUT/bc_hf/checkpoint" --objective apo --workers 1 --zero 2 --epochs 1 \
-  --out "$OUT/apo" train.max_steps=20 "${LORA[@]}" | tail -n 1 > "$OUT/apo.json"
+  --out "$OUT/apo" train.max_steps=20 "${LORA[@]}" "${TGT[@]}" | tail -n 1 > "$OUT/apo.json"
 
-step "eval of the APO LoRA checkpoint"
-$APO eval --policy "$OUT/apo/checkpoint" --task lift --scenario nominal --episodes 4 --workers "$W" --seed 100000 \
-  --image-size "$IMG" --out "$OUT/eval" | tail -n 1 > "$OUT/eval.json"
+if [ -z "${GPU_CHECK_SYNTH:-}" ]; then
+  step "eval of the APO LoRA checkpoint"
+  $APO eval --policy "$OUT/apo/checkpoint" --task lift --scenario nominal --episodes 4 --workers "$W" --seed 100000 \
+    --image-size "$IMG" --out "$OUT/eval" | tail -n 1 > "$OUT/eval.json"
+else
+  echo '{"success_rate": null}' > "$OUT/eval.json"
+fi
 
 step "bench train on the device: full fine-tuning and LoRA"
 $APO bench train --hidden 512 --layers 8 --steps 20 | tail -n 1 > "$OUT/bench_full.json"
