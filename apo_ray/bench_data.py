@@ -34,7 +34,7 @@ def synth_episodes(out: Path, episodes: int, steps: int, image_size: int, seed: 
             c[start: start + n // 5] = S.C_CORRECTOR
             iid[start: start + n // 5] = 0
         a = rng.uniform(-1, 1, (n, 7)).astype(np.float32)
-        oracle = a.copy()  # the oracle agrees on the gripper and on corrector steps, not on the policy's motion
+        oracle = a.copy()  # the oracle agrees on corrector steps and on rotation + gripper, not on translation
         oracle[c != S.C_CORRECTOR, :3] = rng.uniform(-1, 1, (int((c != S.C_CORRECTOR).sum()), 3))
         steps_ = {
             S.EPISODE_ID: f"bench-{e:05d}", S.ROUND: 1, S.TASK: "lift", S.SCENARIO: "nominal", S.SEED: e,
