@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU path in one short prepared script: bf16, DeepSpeed ZeRO-2 and ZeRO-3 on CUDA through Ray Train, and
 # model.kind hf + LoRA (the config switch for OpenVLA-7B). Run it on a machine with NVIDIA GPUs after
-# `make setup`; about 5 minutes on one GPU. Every output lands in OUT, the summary in OUT/summary.json.
+# `make setup`; about 10 minutes on one GPU. Every output lands in OUT, the summary in OUT/summary.json.
 #   bash scripts/gpu_check.sh [OUT]                 # OUT defaults to runs/gpu_check
 #   HF_VLA=/models/openvla-7b IMAGE_SIZE=224 bash scripts/gpu_check.sh   # a real local HF VLA instead of the
 #                                                   # exported tiny one (not run: no weights or GPU where it was written)
