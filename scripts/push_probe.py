@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from apo_ray.loop import SHARED, train_key
 from apo_ray.model import reference_logp_fn
 from apo_ray.schema import column_to_numpy, read_table
 
@@ -47,10 +48,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.round < 1:
         raise SystemExit("push_probe: round must be >= 1 (round 0 has no previous policy)")
-    rd = a.run_dir / f"r{a.round}"
-    dataset = rd / a.arm / "dataset" if (rd / a.arm / "dataset").is_dir() else rd / "shared" / "dataset"
-    prev = a.run_dir / ("r0/base" if a.round == 1 else f"r{a.round - 1}/{a.arm}") / "train" / "checkpoint"
-    cur = rd / a.arm / "train" / "checkpoint"
+    own = a.run_dir / f"r{a.round}/{a.arm}/dataset"
+    dataset = own if own.is_dir() else a.run_dir / f"r{a.round}/{SHARED}/dataset"  # loop.share_round1
+    prev, cur = (a.run_dir / train_key(r, a.arm) / "checkpoint" for r in (a.round - 1, a.round))
     for ck in (prev, cur):
         if not ck.is_dir():
             raise SystemExit(f"push_probe: no checkpoint at {ck}; has that round's training finished?")
