@@ -146,6 +146,9 @@ class TrainConfig:
     that differ from the corrector's action at the same step (docs/FINDINGS.md §12)."""
     corrector_weight: float = 1.0
     """APO/KTO: weight of corrector steps (c=2) among the desirable samples, relative to policy steps and demos."""
+    undesirable_floor: float = 0.0
+    """APO/KTO: stop pushing an undesirable sample once its reward r_U is this many nats below the reference
+    (clamped inside L_U); 0 = off, the paper. docs/FINDINGS.md §15."""
     checkpoint_every: int = 50
     sirius_intervention_weight: float = 2.0
     sirius_preintervention_weight: float = 0.0
@@ -233,6 +236,9 @@ class Config:
         if self.train.undesirable_tokens not in ("all", "differ"):
             raise UserError(f"unknown train.undesirable_tokens '{self.train.undesirable_tokens}'",
                             "config train.undesirable_tokens", "use all or differ")
+        if self.train.undesirable_floor < 0:
+            raise UserError("train.undesirable_floor must be >= 0", "config train.undesirable_floor",
+                            "use 0 (off) or the nats below the reference at which the push stops, e.g. 14")
         if self.train.corrector_weight < 0:
             raise UserError("train.corrector_weight must be >= 0", "config train.corrector_weight",
                             "set a non-negative weight (1.0 = the paper)")

@@ -12,6 +12,8 @@ metrics. The math follows ``shared/docs/apo_spec.md`` §2, "code as written" by 
 * ``L_D = 1 − σ(β(r − z))``, ``L_U = 1 − σ(β(z − r))``, weighted by desirable/undesirable weights (and
   ``corrector_weight`` on corrector steps, c=2); ``undesirable_tokens="differ"`` sums an undesirable sample's
   reward only over the tokens that differ from the corrector's action at that step (an extension, not the paper);
+  ``undesirable_floor`` F > 0 clamps ``r_U`` at −F inside ``L_U``, so a step already pushed F nats below the
+  reference gets no more gradient (an extension, docs/FINDINGS.md §15);
 * APO: ``λ_D = 1 − exp(−β_D w)``, ``λ_U = exp(−β_U w)`` with ``w`` the L1 action error normalised per subset
   (``subset_sum``, the paper's code), by the per-subset mean (``subset_mean``, batch-size invariant) or over
   the whole micro-batch (``batch``, the paper's text);
@@ -86,6 +88,7 @@ class LossParams:
     sirius_preintervention_weight: float = 0.0
     undesirable_tokens: str = "all"
     corrector_weight: float = 1.0
+    undesirable_floor: float = 0.0
 
     @classmethod
     def from_train_config(cls, t) -> LossParams:
@@ -95,7 +98,8 @@ class LossParams:
 
 
 _KTO_PARAMS = ("beta", "kl_clamp", "kl_nonneg", "desirable_weight", "undesirable_weight", "reweight", "beta_d",
-               "beta_u", "lambda_norm", "reduction", "bc_weight", "undesirable_tokens", "corrector_weight")
+               "beta_u", "lambda_norm", "reduction", "bc_weight", "undesirable_tokens", "corrector_weight",
+               "undesirable_floor")
 OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
     "apo": _KTO_PARAMS, "kto": _KTO_PARAMS, "dpo": ("beta",),
     "sirius": ("sirius_intervention_weight", "sirius_preintervention_weight"), "dagger": (), "bc": (),
@@ -201,7 +205,9 @@ def apo_loss(s: Scores, p: LossParams, allreduce: Callable[[Tensor], Tensor] | N
     lo, hi = kl_bounds(p.kl_clamp, p.kl_nonneg)
     z_i = z.repeat_interleave(s.group)
     loss_d = 1.0 - torch.sigmoid(p.beta * (r_d - z_i))
-    loss_u = 1.0 - torch.sigmoid(p.beta * (z_i - r_u))
+    # the floor stops the push once r_U is F nats down: past it L_U is flat (docs/FINDINGS.md §15)
+    r_u_pushed = r_u.clamp(min=-p.undesirable_floor) if p.undesirable_floor > 0 else r_u
+    loss_u = 1.0 - torch.sigmoid(p.beta * (z_i - r_u_pushed))
     w_d = torch.where(s.c == 2, p.desirable_weight * p.corrector_weight, p.desirable_weight)
     per = torch.where(desirable, w_d * loss_d, p.undesirable_weight * loss_u)
     if p.reweight:
@@ -222,6 +228,8 @@ def apo_loss(s: Scores, p: LossParams, allreduce: Callable[[Tensor], Tensor] | N
         "loss_D": _weighted_mean(loss_d.detach(), dmask).item() if dmask.sum() > 0 else float("nan"),
         "loss_U": _weighted_mean(loss_u.detach(), umask).item() if umask.sum() > 0 else float("nan"),
     }
+    if p.undesirable_floor > 0 and umask.sum() > 0:
+        metrics["u_at_floor"] = _weighted_mean((r_u.detach() <= -p.undesirable_floor).float(), umask).item()
     if p.undesirable_tokens == "differ" and umask.sum() > 0:
         metrics["u_tokens_differ"] = _weighted_mean(s.differ_mask.float().mean(dim=1), umask).item()
     if p.bc_weight:

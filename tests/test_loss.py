@@ -174,6 +174,20 @@ def test_undesirable_tokens_differ_and_corrector_weight_hand_computed():
                  apo_loss(tiny(), LossParams())[0])
 
 
+def test_undesirable_floor_hand_computed():
+    """Floor 0.3: sample 2 (r_U = −0.5) is past it, so L_U uses −0.3 and it gets no gradient; sample 3
+    (r_U = 0.4) is untouched. The r_U metric stays unclamped."""
+    s = tiny()
+    loss, m = kto_loss(s, LossParams(undesirable_floor=0.3))
+    assert_close(loss, t(L[0] + L[1] + (1 - sig(0.1 * (Z + 0.3))) + L[3])[0])
+    assert_close(m["r_U"], -0.05)
+    assert_close(m["u_at_floor"], 0.5)
+    loss.backward()
+    assert s.logp_u.grad[2] == 0 and s.logp_u.grad[3] > 0
+    # below every undesirable reward's magnitude the floor changes nothing
+    assert_close(kto_loss(tiny(), LossParams(undesirable_floor=10.0))[0], kto_loss(tiny(), LossParams())[0])
+
+
 def test_beta_to_zero_limit():
     """β → 0: every L_i → 1/2, so KTO → N/2."""
     assert_close(kto_loss(tiny(), LossParams(beta=1e-9))[0], t(2.0)[0])
