@@ -184,7 +184,7 @@ def test_undesirable_floor_hand_computed():
     assert_close(m["u_at_floor"], 0.5)
     loss.backward()
     assert s.logp_u.grad[2] == 0 and s.logp_u.grad[3] > 0
-    # below every undesirable reward's magnitude the floor changes nothing
+    # a floor deeper than every undesirable reward changes nothing
     assert_close(kto_loss(tiny(), LossParams(undesirable_floor=10.0))[0], kto_loss(tiny(), LossParams())[0])
 
 
