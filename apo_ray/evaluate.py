@@ -3,24 +3,13 @@ loop, ``apo-ray eval`` and the benches all come through ``evaluate``."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from apo_ray.fsio import write_json
 from apo_ray.rollout import collect
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score 95% interval for a binomial proportion; well-behaved at 0/n and n/n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+from apo_ray.stats import wilson_interval
 
 
 def eval_seeds(seed: int, episodes: int) -> list[int]:

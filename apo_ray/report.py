@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from apo_ray import fsio
+from apo_ray.stats import newcombe_interval
 
 KEY_RE = re.compile(r"^r(?P<round>\d+)/(?P<arm>[^/]+)/(?P<stage>collect|dataset|train|eval)(?:/(?P<scenario>.+))?$")
 BASE_ARM = "base"
@@ -163,6 +164,48 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
     lines.append("")
     lines.append(f"Success % (Wilson 95% CI), {', '.join(map(str, n))} held-out episodes per cell; "
                  "round 0 is the BC base policy shared by all arms.")
+    return "\n".join(lines) + "\n"
+
+
+def difference_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Success differences, in the same round and scenario: each arm minus the base policy, and each pair of arms.
+
+    The 95% interval is Newcombe's hybrid score interval; it treats the two cells as independent, which is
+    conservative for cells scored on the same seeds.
+    """
+    base = {r["scenario"]: r for r in rows if r["arm"] == BASE_ARM}
+    cell = {(r["arm"], r["scenario"], r["round"]): r for r in rows if r["arm"] != BASE_ARM}
+    arms = sorted({a for a, _, _ in cell})
+    pairs = [(a, BASE_ARM) for a in arms] + [(a, b) for i, a in enumerate(arms) for b in arms[i + 1:]]
+    out = []
+    for (arm, sc, rd), x in sorted(cell.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        for a, b in pairs:
+            y = base.get(sc) if b == BASE_ARM else cell.get((b, sc, rd))
+            if a != arm or y is None:
+                continue
+            lo, hi = newcombe_interval(x["successes"], x["episodes"], y["successes"], y["episodes"])
+            out.append({"scenario": sc, "round": rd, "arm": a, "minus": b,
+                        "difference": x["success_rate"] - y["success_rate"], "ci95": [lo, hi]})
+    return out
+
+
+def differences_markdown(diffs: list[dict[str, Any]]) -> str:
+    """Percentage-point differences (columns = rounds), with the Newcombe 95% interval."""
+    if not diffs:
+        return ""
+    rounds = sorted({d["round"] for d in diffs})
+    cell = {(d["arm"], d["minus"], d["scenario"], d["round"]): d for d in diffs}
+    lines = ["| difference | scenario | " + " | ".join(f"round {r}" for r in rounds) + " |",
+             "|---|---|" + "---|" * len(rounds)]
+    for a, b, sc in sorted({(d["arm"], d["minus"], d["scenario"]) for d in diffs}, key=lambda t: (t[2], t[1], t[0])):
+        vals = []
+        for rd in rounds:
+            d = cell.get((a, b, sc, rd))
+            vals.append(f"{100 * d['difference']:+.0f} [{100 * d['ci95'][0]:+.0f}, {100 * d['ci95'][1]:+.0f}]"
+                        if d else "–")
+        lines.append(f"| {a} − {b} | {sc} | " + " | ".join(vals) + " |")
+    lines += ["", "Success difference in percentage points (Newcombe 95% CI); an interval that excludes 0 "
+              "separates the two arms."]
     return "\n".join(lines) + "\n"
 
 
@@ -334,9 +377,12 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     curves = train_curves(run)
     videos = pick_videos(run)
     out = run.run_dir / "report"
+    diffs = difference_rows(succ)
     md = results_markdown(succ)
-    fsio.write_bytes(out / "results.md", md.encode())
-    fsio.write_json(out / "results.json", {"success": succ, "interventions": inter, "cmix": cmix})
+    dmd = differences_markdown(diffs)
+    fsio.write_bytes(out / "results.md", (md + ("\n" + dmd if dmd else "")).encode())
+    fsio.write_json(out / "results.json", {"success": succ, "differences": diffs, "interventions": inter,
+                                           "cmix": cmix})
 
     loop = run.config.get("loop", {})
     env = run.config.get("env", {})
@@ -358,6 +404,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
           f"{html.escape(env.get('scenario', '?'))}.</p>",
         "<h2>Success per round (held-out seeds, no corrector)</h2>", _img(plot_success(succ), "success curves"),
         "<pre>" + html.escape(md) + "</pre>",
+        *(["<h3>Differences</h3>", "<pre>" + html.escape(dmd) + "</pre>"] if dmd else []),
         "<h2>Interventions during deployment</h2>", _img(plot_interventions(inter), "intervention plot"),
         _table(inter, ["round", "arm", "scenario", "episodes", "intervention_episodes", "interventions",
                        "intervention_steps", "steps", "episode_rate", "step_rate", "deploy_success_rate"]),

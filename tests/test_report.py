@@ -14,6 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from apo_ray.journal import Journal
 from apo_ray.report import load_run, results_markdown, success_rows, train_curves, write_report
+from apo_ray.stats import newcombe_interval
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -99,6 +100,17 @@ def test_report_sections_and_numbers(tmp_path: Path) -> None:
     assert cells[2].startswith(f"{100 * apo_r2['success_rate']:.0f} [")
     data = json.loads((tmp_path / "report/results.json").read_text())
     assert len(data["success"]) == len(truth["eval"])
+    # differences: per round and scenario, each arm minus the base and apo minus dagger; sign and pairing checked
+    # against the journal (the interval itself is checked against published values in test_stats.py)
+    assert len(data["differences"]) == 2 * 2 * 3
+    dag_r2 = truth["eval"]["r2/dagger/eval/position"]
+    row = next(line for line in md.splitlines() if line.startswith("| apo − dagger | position |"))
+    cell = [c.strip() for c in row.strip("|").split("|")][3]  # round 2
+    lo, hi = newcombe_interval(apo_r2["successes"], 20, dag_r2["successes"], 20)
+    assert cell == f"{100 * (apo_r2['success_rate'] - dag_r2['success_rate']):+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}]"
+    row = next(line for line in md.splitlines() if line.startswith("| dagger − base | nominal |"))
+    d = truth["eval"]["r1/dagger/eval/nominal"]["successes"] - truth["eval"]["r0/base/eval/nominal"]["successes"]
+    assert [c.strip() for c in row.strip("|").split("|")][2].startswith(f"{100 * d / 20:+.0f} [")
 
 
 def test_report_on_an_empty_or_partial_run(tmp_path: Path) -> None:

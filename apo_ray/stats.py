@@ -1,0 +1,28 @@
+"""Interval estimates for success rates: pure functions, shared by evaluation and the report."""
+
+from __future__ import annotations
+
+import math
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95% interval for a binomial proportion; well-behaved at 0/n and n/n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def newcombe_interval(s1: int, n1: int, s2: int, n2: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% interval for p1 - p2 of two independent proportions: Newcombe's hybrid score method (1998, method 10).
+
+    Built from the two Wilson intervals, so it stays inside [-1, 1] and behaves at 0/n and n/n, where the Wald
+    interval collapses. Treating same-seed evaluations as independent makes it conservative.
+    """
+    p1, p2 = (s1 / n1 if n1 else 0.0), (s2 / n2 if n2 else 0.0)
+    (l1, u1), (l2, u2) = wilson_interval(s1, n1, z), wilson_interval(s2, n2, z)
+    d = p1 - p2
+    return (d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
