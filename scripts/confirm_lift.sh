@@ -15,5 +15,4 @@ ev pi0 runs/plw_uw5/r0/base/train/checkpoint position 100
 ev apo_floor_r3 runs/plw_floor/r3/apo/train/checkpoint nominal 100
 ev dagger_r3 runs/plw_uw5/r3/dagger/train/checkpoint nominal 100
 ev pi0 runs/plw_uw5/r0/base/train/checkpoint nominal 100
-ev apo_uw5_r3 runs/plw_uw5/r3/apo/train/checkpoint position 150
 echo ALL_DONE
