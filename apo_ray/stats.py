@@ -26,3 +26,17 @@ def newcombe_interval(s1: int, n1: int, s2: int, n2: int, z: float = 1.959964) -
     (l1, u1), (l2, u2) = wilson_interval(s1, n1, z), wilson_interval(s2, n2, z)
     d = p1 - p2
     return (d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+
+
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value for two policies scored on the same seeds.
+
+    Only the discordant seeds (one succeeds, the other fails) carry information; under "no difference" each is a
+    fair coin, so the p-value is a two-sided binomial tail at 1/2.
+    """
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    k = min(only_a, only_b)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)

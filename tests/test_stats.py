@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from apo_ray.stats import newcombe_interval, wilson_interval
+from apo_ray.stats import mcnemar_exact_p, newcombe_interval, wilson_interval
 
 
 @pytest.mark.parametrize("k,n,lo,hi", [
@@ -28,3 +28,14 @@ def test_newcombe_matches_published_values(a: int, m: int, b: int, n: int, lo: f
     assert newcombe_interval(a, m, b, n) == pytest.approx((lo, hi), abs=1e-4)
     # swapping the arms mirrors the interval
     assert newcombe_interval(b, n, a, m) == pytest.approx((-hi, -lo), abs=1e-4)
+
+
+@pytest.mark.parametrize("a,b,p", [
+    (1, 5, 2 * (1 + 6) / 64),                     # 2·P(X ≤ 1), X ~ Bin(6, 1/2)
+    (5, 1, 2 * (1 + 6) / 64),
+    (0, 10, 2 / 1024),
+    (3, 3, 1.0),                                  # the doubled tail passes 1: capped
+    (0, 0, 1.0),
+])
+def test_mcnemar_exact_hand_computed(a: int, b: int, p: float) -> None:
+    assert mcnemar_exact_p(a, b) == pytest.approx(p)
