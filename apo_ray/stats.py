@@ -20,7 +20,8 @@ def newcombe_interval(s1: int, n1: int, s2: int, n2: int, z: float = 1.959964) -
     """95% interval for p1 - p2 of two independent proportions: Newcombe's hybrid score method (1998, method 10).
 
     Built from the two Wilson intervals, so it stays inside [-1, 1] and behaves at 0/n and n/n, where the Wald
-    interval collapses. Treating same-seed evaluations as independent makes it conservative.
+    interval collapses. For two policies scored on the same seeds it is conservative when their outcomes correlate
+    positively; ``mcnemar_exact_p`` is the paired test.
     """
     p1, p2 = (s1 / n1 if n1 else 0.0), (s2 / n2 if n2 else 0.0)
     (l1, u1), (l2, u2) = wilson_interval(s1, n1, z), wilson_interval(s2, n2, z)
