@@ -11,17 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from apo_ray.stats import mcnemar_exact_p, newcombe_interval, wilson_interval
+from apo_ray.rollout import EPISODES_DIR, read_episode_stats
+from apo_ray.stats import mcnemar_exact_p, newcombe_interval
 
 
 def per_seed(eval_dir: Path) -> dict[int, bool]:
-    out: dict[int, bool] = {}
-    for f in sorted((eval_dir / "episodes").glob("*.parquet")):
-        t = pq.read_table(f, columns=["seed", "success"]).to_pydict()
-        out[int(t["seed"][0])] = bool(max(t["success"]))
-    return out
+    """Seed -> success, read the way the evaluation counted it."""
+    stats = (read_episode_stats(f) for f in sorted((eval_dir / EPISODES_DIR).glob("*.parquet")))
+    return {s.seed: s.success for s in stats}
 
 
 def main(root: Path, arm: str = "apo_floor_r3", others: tuple[str, ...] = ("dagger_r3", "pi0")) -> None:
@@ -29,7 +26,7 @@ def main(root: Path, arm: str = "apo_floor_r3", others: tuple[str, ...] = ("dagg
            for p in sorted(root.glob("*/*/eval.json"))}
     print("| policy | scenario | seeds | success % [Wilson 95%] |\n|---|---|---|---|")
     for (name, sc), r in sorted(res.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        lo, hi = wilson_interval(r["successes"], r["episodes"])
+        lo, hi = r["ci95"]  # the evaluation's own Wilson interval
         print(f"| {name} | {sc} | {r['seeds'][0]}–{r['seeds'][1]} | {r['successes']}/{r['episodes']} = "
               f"{100 * r['success_rate']:.0f} [{100 * lo:.0f}–{100 * hi:.0f}] |")
     print("\n| difference | scenario | points [Newcombe 95%] | common seeds | only A | only B | McNemar p |\n"
