@@ -30,13 +30,13 @@ apt:
 	@touch $@
 
 test: setup
-	$(PY) -m pytest -x -m "not slow" -n 2 --dist loadgroup tests
+	$(PY) -m pytest -x -m "not slow" -n 2 --dist loadgroup --durations=15 tests
 
 test-all: setup
 	$(PY) -m pytest -x -n 2 --dist loadgroup tests
 
 lint: setup
-	.venv/bin/ruff check apo_ray envs jobs tests
+	.venv/bin/ruff check apo_ray envs jobs tests scripts
 
 demo: setup
 	.venv/bin/apo-ray loop --config configs/demo.yaml --run-dir runs/demo
