@@ -91,8 +91,9 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.ray
 def test_loop_end_to_end_killed_and_resumed(tmp_path: Path, monkeypatch) -> None:
-    """The chaos driver (`make chaos` does 20 kills) with 3 kills: an uninterrupted run, then one SIGKILLed in a
-    collection, a dataset build and a training stage, each resumed by the same command."""
+    """The chaos driver (`make chaos` does 20 kills) with 3 kills: an uninterrupted run, then one SIGKILLed 3 times,
+    aimed at a collection, a dataset build and a training stage, each resumed by the same command. A kill lands
+    in a later stage when the aimed-at stage ends sooner than in the reference; where each landed is printed."""
     from apo_ray.chaos import run_chaos, structure
 
     seed = int(os.environ.get("APO_RAY_KILL_SEED", "0"))
@@ -124,7 +125,7 @@ def test_loop_end_to_end_killed_and_resumed(tmp_path: Path, monkeypatch) -> None
                             env=_env(), check=True)
     st = json.loads(status.stdout)
     assert st["state"] == "finished" and st["stages_done"] == st["stages_total"]
-    # the kills: each hit the stage kind it aimed at, and the resumed run equals the uninterrupted one
+    # every kill survived, and the resumed run equals the uninterrupted one
     assert res["kills_tried"] == 3 and res["kills_survived"] == 3, res
     print("\nkills landed in:", [k["in_flight"] for k in res["kills"]])
     assert res["same_structure"] and res["same_content"], res
