@@ -1,4 +1,5 @@
-"""Print §16's confirmatory table from runs/confirm/<arm>/<scenario>/ (see scripts/confirm_lift.sh).
+"""Print §16's confirmatory table from runs/confirm/<arm>/<scenario>/ (see scripts/confirm_lift.sh), or with
+``RUN_DIR ROUND`` the same table for one round of a loop run (apo against the other arms, each arm against π0).
 
 The decision rule (FINDINGS §16) uses the Newcombe interval, which treats the two cells as independent. Both are
 scored on the same seeds, so the paired count (which seeds only one of them solves) and its exact McNemar p-value
@@ -21,9 +22,20 @@ def per_seed(eval_dir: Path) -> dict[int, bool]:
     return {s.seed: s.success for s in stats}
 
 
-def main(root: Path, arm: str = "apo_floor_r3", others: tuple[str, ...] = ("dagger_r3", "pi0")) -> None:
-    res = {(p.parent.parent.name, p.parent.name): json.loads(p.read_text())
-           for p in sorted(root.glob("*/*/eval.json"))}
+def confirm_cells(root: Path) -> dict[tuple[str, str], Path]:
+    """(policy, scenario) -> eval dir of runs/confirm/<policy>/<scenario>/."""
+    return {(p.parent.parent.name, p.parent.name): p.parent for p in sorted(root.glob("*/*/eval.json"))}
+
+
+def loop_cells(run: Path, rnd: int) -> dict[tuple[str, str], Path]:
+    """(policy, scenario) -> eval dir of a loop run dir's round ``rnd`` per arm, and of π0 as ``pi0``."""
+    out = {("pi0", p.parent.name): p.parent for p in sorted(run.glob("r0/base/eval/*/eval.json"))}
+    out.update({(p.parents[2].name, p.parent.name): p.parent for p in sorted(run.glob(f"r{rnd}/*/eval/*/eval.json"))})
+    return out
+
+
+def main(cells: dict[tuple[str, str], Path], pairs: list[tuple[str, str]]) -> None:
+    res = {key: json.loads((d / "eval.json").read_text()) for key, d in cells.items()}
     print("| policy | scenario | seeds | success % [Wilson 95%] |\n|---|---|---|---|")
     for (name, sc), r in sorted(res.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         lo, hi = r["ci95"]  # the evaluation's own Wilson interval
@@ -32,13 +44,12 @@ def main(root: Path, arm: str = "apo_floor_r3", others: tuple[str, ...] = ("dagg
     print("\n| difference | scenario | points [Newcombe 95%] | common seeds | only A | only B | McNemar p |\n"
           "|---|---|---|---|---|---|---|")
     for sc in sorted({sc for _, sc in res}):
-        a = res.get((arm, sc))
-        for other in others:
-            b = res.get((other, sc))
+        for arm, other in pairs:
+            a, b = res.get((arm, sc)), res.get((other, sc))
             if not (a and b):
                 continue
             lo, hi = newcombe_interval(a["successes"], a["episodes"], b["successes"], b["episodes"])
-            sa, sb = per_seed(root / arm / sc), per_seed(root / other / sc)
+            sa, sb = per_seed(cells[(arm, sc)]), per_seed(cells[(other, sc)])
             common = sorted(set(sa) & set(sb))
             only_a = sum(sa[s] and not sb[s] for s in common)
             only_b = sum(sb[s] and not sa[s] for s in common)
@@ -48,4 +59,10 @@ def main(root: Path, arm: str = "apo_floor_r3", others: tuple[str, ...] = ("dagg
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/confirm"))
+    if len(sys.argv) == 3:  # RUN_DIR ROUND: a loop run's round against its π0, apo against the other arms
+        cells = loop_cells(Path(sys.argv[1]), int(sys.argv[2]))
+        arms = sorted({n for n, _ in cells} - {"apo", "pi0"})
+        main(cells, [("apo", a) for a in arms] + [(a, "pi0") for a in ["apo", *arms]])
+    else:
+        main(confirm_cells(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/confirm")),
+             [("apo_floor_r3", "dagger_r3"), ("apo_floor_r3", "pi0")])
