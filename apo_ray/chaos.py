@@ -129,10 +129,15 @@ def _last_line(err_path: Path, proc: subprocess.Popen) -> str:
     return lines[-1] if lines else f"exit {proc.returncode}"
 
 
-def _target(want: str, ref_order: list[str], run_dir: Path) -> str:
-    """``want`` if a stage of that kind is still ahead, else the next kind still ahead (report always is)."""
+def _ahead(ref_order: list[str], run_dir: Path) -> set[str]:
+    """The stage kinds still to run in ``run_dir`` (report always is: the loop writes one after every round)."""
     done = set(json.loads((run_dir / JOURNAL).read_text())["order"]) if (run_dir / JOURNAL).exists() else set()
-    ahead = {_kind(k) for k in ref_order if k not in done} | {"report"}
+    return {_kind(k) for k in ref_order if k not in done} | {"report"}
+
+
+def _target(want: str, ref_order: list[str], run_dir: Path) -> str:
+    """``want`` if a stage of that kind is still ahead, else the next kind still ahead."""
+    ahead = _ahead(ref_order, run_dir)
     if want in ahead:
         return want
     i = KINDS.index(want)
@@ -143,6 +148,36 @@ def _stage_seconds(ref: Path) -> dict[str, float]:
     """The reference's seconds per stage key (report: a nominal 2 s)."""
     j = json.loads((ref / JOURNAL).read_text())
     return {"report": 2.0, **{key: float(st["seconds"]) for key, st in j["stages"].items()}}
+
+
+def _pace(run_dir: Path, ref_secs: dict[str, float]) -> float:
+    """How long this run's finished stages took against the reference's (1.0 before any): a box busier or
+    quieter than during the reference would otherwise put most kill points past the end of their stage."""
+    if not (run_dir / JOURNAL).exists():
+        return 1.0
+    stages = json.loads((run_dir / JOURNAL).read_text())["stages"]
+    pairs = [(float(st["seconds"]), ref_secs[k]) for k, st in stages.items() if st.get("seconds") and k in ref_secs]
+    ran, ref = sum(a for a, _ in pairs), sum(b for _, b in pairs)
+    return min(5.0, max(0.2, ran / ref)) if ref > 0 else 1.0
+
+
+def _wait_for_kill_point(run: Path, proc: subprocess.Popen, kind: str, ref_order: list[str],
+                         secs: dict[str, float], rng: random.Random) -> None:
+    """Return at a random moment inside a stage of ``kind`` (or when ``proc`` exits). The moment is a fraction
+    of the reference's time for that stage, scaled by this run's pace; if the stage ends first, the next stage
+    of the kind is the target, and once none is ahead the kill lands wherever the run is."""
+    while proc.poll() is None:
+        k, key = _in_flight(run, proc.pid)
+        if k != kind:
+            if kind not in _ahead(ref_order, run):
+                return
+            time.sleep(0.05)
+            continue
+        deadline = time.monotonic() + rng.uniform(0.0, 0.9) * secs.get(key, 5.0) * _pace(run, secs)
+        while proc.poll() is None and time.monotonic() < deadline and _in_flight(run, proc.pid)[1] == key:
+            time.sleep(0.05)
+        if proc.poll() is not None or _in_flight(run, proc.pid)[1] == key:
+            return
 
 
 def run_chaos(config: str, root: Path, kills: int, seed: int, overrides: list[str], log=print) -> dict[str, Any]:
@@ -171,10 +206,7 @@ def run_chaos(config: str, root: Path, kills: int, seed: int, overrides: list[st
                 raise SystemExit(f"error: the final resume failed: {_last_line(err_path, proc)} ({err_path})")
             break
         kind = _target(KINDS[tried % len(KINDS)], ref_order, run)
-        while proc.poll() is None and _in_flight(run, proc.pid)[0] != kind:
-            time.sleep(0.05)
-        if proc.poll() is None:  # a random point inside that stage, scaled by how long it took in the reference
-            time.sleep(rng.uniform(0.0, 0.9) * secs.get(_in_flight(run, proc.pid)[1] or kind, 5.0))
+        _wait_for_kill_point(run, proc, kind, ref_order, secs, rng)
         if proc.poll() is not None:  # finished (or failed) before the kill point
             if proc.returncode != 0:
                 raise SystemExit(f"error: a resumed run failed after {tried} kills: {_last_line(err_path, proc)} ({err_path})")
@@ -192,14 +224,14 @@ def run_chaos(config: str, root: Path, kills: int, seed: int, overrides: list[st
         except Exception as e:  # noqa: BLE001 - any broken invariant is a kill not survived
             ok, at = False, f"{at}: {e}"
         survived += ok
-        kill_log.append({"kill": tried, "target": kind, "in_flight": at, "ok": ok})
-        log(f"kill {tried}/{kills}: SIGKILL during {at} -> {'ok' if ok else 'BROKEN'}")
+        kill_log.append({"kill": tried, "target": kind, "in_flight": at, "on_target": _kind(at) == kind, "ok": ok})
+        log(f"kill {tried}/{kills} (aimed at {kind}): SIGKILL during {at} -> {'ok' if ok else 'BROKEN'}")
     same_structure = structure(run) == structure(ref)
     same_content = content(run) == content(ref)
     if not same_structure:
         survived = 0  # a lost or duplicated episode/stage: the kills were not survived
-    result = {"kills_tried": tried, "kills_survived": survived, "starts": starts, "same_structure": same_structure,
-              "same_content": same_content, "kills": kill_log}
+    result = {"kills_tried": tried, "kills_survived": survived, "kills_on_target": sum(k["on_target"] for k in kill_log),
+              "starts": starts, "same_structure": same_structure, "same_content": same_content, "kills": kill_log}
     (root / "chaos.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -220,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     r = run_chaos(a.config, root, a.kills, a.seed, a.overrides, log=lambda m: print(m, flush=True))
     print(f"final run equals the uninterrupted one: stages/episodes/datasets "
           f"{'yes' if r['same_structure'] else 'NO'}, contents and eval results {'yes' if r['same_content'] else 'no'}")
+    print(f"kills landed in the stage kind they aimed at: {r['kills_on_target']}/{r['kills_tried']}")
     print(f"kills survived / kills tried: {r['kills_survived']}/{r['kills_tried']}")
     return 0 if r["kills_survived"] == r["kills_tried"] and r["same_structure"] and r["same_content"] else 1
 

@@ -81,6 +81,24 @@ def test_run_dir_refuses_a_different_config(tmp_path: Path) -> None:
     prepare_run_dir(config.load(SMOKE, ["loop.arms=[apo,dagger]", "corrector.off_target_steps=0"]), st, resume=True)
 
 
+def test_chaos_kill_timing_follows_the_runs_pace(tmp_path: Path) -> None:
+    """A kill point scales with how fast this run goes against the reference, and a kind is aimed at only while
+    a stage of it is still ahead."""
+    from apo_ray.chaos import _ahead, _pace, _target
+
+    ref = {"report": 2.0, "r0/demos/collect/nominal": 20.0, "r0/base/dataset": 10.0, "r0/base/train": 60.0}
+    order = ["r0/demos/collect/nominal", "r0/base/dataset", "r0/base/train"]
+    assert _pace(tmp_path, ref) == 1.0  # nothing finished yet
+    stages = {"r0/demos/collect/nominal": {"seconds": 12.0}, "r0/base/dataset": {"seconds": 6.0}}
+    (tmp_path / "journal.json").write_text(json.dumps({"order": list(stages), "stages": stages}))
+    assert _pace(tmp_path, ref) == pytest.approx(18.0 / 30.0)
+    assert _ahead(order, tmp_path) == {"train", "report"}
+    assert _target("dataset", order, tmp_path) == "train" and _target("collect", order, tmp_path) == "train"
+    stages["r0/base/dataset"]["seconds"] = 600.0  # clamped: one stalled stage does not push kills 20x later
+    (tmp_path / "journal.json").write_text(json.dumps({"order": list(stages), "stages": stages}))
+    assert _pace(tmp_path, ref) == 5.0
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 
