@@ -110,8 +110,9 @@ def _env() -> dict[str, str]:
 @pytest.mark.ray
 def test_loop_end_to_end_killed_and_resumed(tmp_path: Path, monkeypatch) -> None:
     """The chaos driver (`make chaos` does 20 kills) with 3 kills: an uninterrupted run, then one SIGKILLed 3 times,
-    aimed at a collection, a dataset build and a training stage, each resumed by the same command. A kill lands
-    in a later stage when the aimed-at stage ends sooner than in the reference; where each landed is printed."""
+    aimed at a collection, a dataset build and a training stage, each resumed by the same command. The kill point
+    scales with this run's pace against the reference, and a stage that ends first passes the aim to the next one
+    of its kind; where each kill landed is printed, not asserted (on a busy box the last of a kind can end first)."""
     from apo_ray.chaos import run_chaos, structure
 
     seed = int(os.environ.get("APO_RAY_KILL_SEED", "0"))
@@ -145,7 +146,7 @@ def test_loop_end_to_end_killed_and_resumed(tmp_path: Path, monkeypatch) -> None
     assert st["state"] == "finished" and st["stages_done"] == st["stages_total"]
     # every kill survived, and the resumed run equals the uninterrupted one
     assert res["kills_tried"] == 3 and res["kills_survived"] == 3, res
-    print("\nkills landed in:", [k["in_flight"] for k in res["kills"]])
+    print(f"\nkills landed in: {[k['in_flight'] for k in res['kills']]} ({res['kills_on_target']}/3 on target)")
     assert res["same_structure"] and res["same_content"], res
     run = tmp_path / "chaos"
     assert not (run / ".work").exists() or not list((run / ".work").iterdir())
