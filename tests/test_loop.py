@@ -26,6 +26,15 @@ APO_RAY = [sys.executable, "-m", "apo_ray"]
 E2E_OVERRIDES = ["loop.rounds=1"]
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_plans(path: Path) -> None:
+    """A config the README or a script names must load, pass the loop's checks and plan round 0 first."""
+    cfg = config.load(path)
+    check_config(cfg)
+    keys = [s.key for s in plan(cfg)]
+    assert keys[:3] == ["r0/demos/collect/nominal", "r0/base/dataset", "r0/base/train"] and len(keys) == len(set(keys))
+
+
 def test_plan_shares_round1_and_accumulates() -> None:
     cfg = config.load(SMOKE, ["loop.arms=[apo, dagger]", "loop.share_round1=true", "loop.rounds=2"])
     keys = [s.key for s in plan(cfg)]
