@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from apo_ray.report import BASE_ARM, load_run
 from apo_ray.rollout import EPISODES_DIR, read_episode_stats
 from apo_ray.stats import mcnemar_exact_p, newcombe_interval
 
@@ -28,10 +29,10 @@ def confirm_cells(root: Path) -> dict[tuple[str, str], Path]:
 
 
 def loop_cells(run: Path, rnd: int) -> dict[tuple[str, str], Path]:
-    """(policy, scenario) -> eval dir of a loop run dir's round ``rnd`` per arm, and of π0 as ``pi0``."""
-    out = {("pi0", p.parent.name): p.parent for p in sorted(run.glob("r0/base/eval/*/eval.json"))}
-    out.update({(p.parents[2].name, p.parent.name): p.parent for p in sorted(run.glob(f"r{rnd}/*/eval/*/eval.json"))})
-    return out
+    """(policy, scenario) -> eval dir of a loop run dir's round ``rnd`` per arm, and of π0 as ``pi0``: the
+    journal's completed evals, read the way `apo-ray report` reads them."""
+    return {("pi0" if k["arm"] == BASE_ARM else k["arm"], k["scenario"]): run / k["key"]
+            for k, _ in load_run(run).of("eval") if k["round"] in (0, rnd)}
 
 
 def main(cells: dict[tuple[str, str], Path], pairs: list[tuple[str, str]]) -> None:
