@@ -166,10 +166,14 @@ def _wait_for_kill_point(run: Path, proc: subprocess.Popen, kind: str, ref_order
     """Return at a random moment inside a stage of ``kind`` (or when ``proc`` exits). The moment is a fraction
     of the reference's time for that stage, scaled by this run's pace; if the stage ends first, the next stage
     of the kind is the target, and once none is ahead the kill lands wherever the run is."""
+    seen: object = object()  # the journal only grows when the in-flight stage changes: re-read it only then
+    ahead: set[str] = set()
     while proc.poll() is None:
         k, key = _in_flight(run, proc.pid)
         if k != kind:
-            if kind not in _ahead(ref_order, run):
+            if key != seen:
+                seen, ahead = key, _ahead(ref_order, run)
+            if kind not in ahead:
                 return
             time.sleep(0.05)
             continue
