@@ -66,6 +66,10 @@ class CollectConfig:
     videos: int = 0
     round: int = 0
     envs_per_worker: int = 1
+    oracle_version: int = 2
+    """Revision of the scripted oracle that collects demos and corrects: 1 as first shipped; 2 also turns its
+    grasp to clear a bin wall and retries a grasp that holds nothing (docs/FINDINGS.md §19). A run made
+    before the key existed keeps 1, so it resumes unchanged."""
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,9 @@ class Config:
         if self.train.corrector_weight < 0:
             raise UserError("train.corrector_weight must be >= 0", "config train.corrector_weight",
                             "set a non-negative weight (1.0 = the paper)")
+        if self.collect.oracle_version not in (1, 2):
+            raise UserError(f"collect.oracle_version {self.collect.oracle_version} does not exist",
+                            "config collect.oracle_version", "use 2 (current) or 1 (as first shipped)")
         if self.loop.base_batch_size < 0:
             raise UserError("loop.base_batch_size must be >= 0", "config loop.base_batch_size",
                             "set 0 (use data.batch_size) or a positive batch size")

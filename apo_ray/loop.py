@@ -51,7 +51,7 @@ CONFIG_FILE = "config.json"
 RESUMABLE_CONFIG_KEYS = ("loop.rounds", "eval.videos", "collect.videos", "collect.workers", "eval.workers",
                          "train.workers", "loop.storage")
 """Keys that may change between a run and its resume: they do not change any completed stage's output."""
-LEGACY_VALUES = {"corrector": {"off_target_steps": 0}}
+LEGACY_VALUES = {"corrector": {"off_target_steps": 0}, "collect": {"oracle_version": 1}}
 """What a key meant in a run saved before it existed, where that differs from today's default (the trigger was
 not there, so it was off): resuming such a run with the new default is a config change, not a silent one."""
 
@@ -352,7 +352,8 @@ class Loop:
             n, videos = self.cfg.loop.rollouts_per_round, c.videos
         return collect(e.task, st.scenario, policy, n, c.workers, seed, work, round_=st.round, corrector=corrector,
                        image_size=e.image_size, horizon=e.horizon, videos=videos, address=self.address,
-                       resume=True, progress=self.progress, label=st.key, wrist=e.wrist)
+                       resume=True, progress=self.progress, label=st.key, wrist=e.wrist,
+                       oracle_version=c.oracle_version)
 
     def _dataset(self, st: Stage, work: Path) -> dict[str, Any]:
         from apo_ray.data import build_dataset

@@ -45,10 +45,11 @@ class RandomPolicy:
 class OraclePolicy:
     """The scripted expert acting from privileged state (expert-demo mode)."""
 
-    def __init__(self, task: str) -> None:
+    def __init__(self, task: str, oracle_version: int | None = None) -> None:
         import envs
 
-        self._make = lambda: envs.make_oracle(task)
+        version = envs.ORACLE_VERSION if oracle_version is None else oracle_version
+        self._make = lambda: envs.make_oracle(task, version)
         self._oracles: list = []
         self.version = "oracle"
 
@@ -67,8 +68,8 @@ class NoisyOraclePolicy(OraclePolicy):
     the gripper), the way a weak policy heads the wrong way for a while. Rotation stays the oracle's: random
     wrist torques wind the Panda into poses OSC cannot leave, which no corrector could fix in time."""
 
-    def __init__(self, task: str, p: float) -> None:
-        super().__init__(task)
+    def __init__(self, task: str, p: float, oracle_version: int | None = None) -> None:
+        super().__init__(task, oracle_version)
         self.p = p
         self.version = f"noisy-oracle:{p:g}"
         self._rngs: list[np.random.Generator] = []
@@ -103,8 +104,8 @@ class DartOraclePolicy(OraclePolicy):
     (``data.demo_label: oracle``). Rotation and gripper stay clean, as in ``NoisyOraclePolicy``.
     """
 
-    def __init__(self, task: str, sigma: float) -> None:
-        super().__init__(task)
+    def __init__(self, task: str, sigma: float, oracle_version: int | None = None) -> None:
+        super().__init__(task, oracle_version)
         self.sigma = sigma
         self.version = f"dart-oracle:{sigma:g}"
         self._rngs: list[np.random.Generator] = []
@@ -168,17 +169,18 @@ def policy_views(spec: str) -> int:
     return int(read_meta(s).get("image_views", 1))
 
 
-def make_policy(spec: str, task: str) -> Policy:
-    """Build the policy a spec names (validated with ``check_policy_spec``)."""
+def make_policy(spec: str, task: str, oracle_version: int | None = None) -> Policy:
+    """Build the policy a spec names (validated with ``check_policy_spec``); the scripted ones act as the given
+    oracle revision (None: the current one)."""
     s = spec.strip()
     check_policy_spec(s)
     if s == "oracle":
-        return OraclePolicy(task)
+        return OraclePolicy(task, oracle_version)
     if s == "random":
         return RandomPolicy()
     kind = s.partition(":")[0]
     if kind in NOISY_KINDS:
-        return NOISY_KINDS[kind][0](task, _noise_level(s))
+        return NOISY_KINDS[kind][0](task, _noise_level(s), oracle_version)
     from apo_ray.vla_policy import VLAPolicy
 
     return VLAPolicy(Path(s))

@@ -90,15 +90,16 @@ class RolloutWorker:
 
     def __init__(self, task: str, scenario: str, policy: str, out_dir: str, *, round_: int = 0,
                  corrector: CorrectorConfig | None = None, image_size: int = 64, horizon: int = 0,
-                 cheap_render: bool = True, wrist: bool = False) -> None:
+                 cheap_render: bool = True, wrist: bool = False, oracle_version: int | None = None) -> None:
         import envs
 
         self.task, self.scenario, self.round = task, scenario, round_
         self.out_dir = Path(out_dir)
         self.env = envs.TaskEnv(task, scenario, image_size=image_size, camera=True,
                                 cheap_render=cheap_render, horizon=horizon, wrist=wrist)
-        self.policy = make_policy(policy, task)
-        self.oracle = envs.make_oracle(task)
+        version = envs.ORACLE_VERSION if oracle_version is None else oracle_version
+        self.policy = make_policy(policy, task, version)
+        self.oracle = envs.make_oracle(task, version)
         self.corrector = envs.Corrector(task, corrector) if corrector is not None and corrector.enabled else None
 
     def ping(self) -> int:
@@ -224,12 +225,14 @@ def collect(task: str, scenario: str, policy: str, episodes: int, workers: int, 
             out_dir: str | os.PathLike[str], *, round_: int = 0, corrector: CorrectorConfig | None = None,
             image_size: int = 64, horizon: int = 0, videos: int = 0, address: str | None = None,
             seeds: list[int] | None = None, resume: bool = False, progress: bool = True,
-            label: str = "collect", wrist: bool = False) -> dict[str, Any]:
+            label: str = "collect", wrist: bool = False, oracle_version: int | None = None) -> dict[str, Any]:
     """Run ``episodes`` rollouts on ``workers`` Ray actors; write one Parquet file per episode.
 
     Seeds are ``seed + i`` unless given. With ``resume``, episodes already on disk are kept and only the
     missing ones run. ``wrist`` adds the eye-in-hand view beside agentview; a checkpoint trained on both views
-    turns it on itself. Returns the summary dict (also written to ``out_dir/collect.json``).
+    turns it on itself. ``oracle_version`` pins the scripted oracle's revision (demos, corrector and the
+    ``oracle_action`` labels; None: the current one). Returns the summary dict (also written to
+    ``out_dir/collect.json``).
     """
     validate_request(task, scenario, policy, episodes, workers)
     views = policy_views(policy)
@@ -251,7 +254,8 @@ def collect(task: str, scenario: str, policy: str, episodes: int, workers: int, 
     new_steps, wall = 0, 0.0
     if todo:
         new_steps, wall = _run_parallel(task, scenario, policy, out, round_, corrector, image_size, horizon,
-                                        videos, address, seeds, todo, done, workers, progress, label, wrist)
+                                        videos, address, seeds, todo, done, workers, progress, label, wrist,
+                                        oracle_version)
     stats = [done[i] for i in range(len(seeds))]
     summary = summarize(stats, wall, new_steps)
     write_json(out / "collect.json", {"task": task, "scenario": scenario, "policy": policy,
@@ -260,7 +264,7 @@ def collect(task: str, scenario: str, policy: str, episodes: int, workers: int, 
 
 
 def _run_parallel(task, scenario, policy, out, round_, corrector, image_size, horizon, videos, address,
-                  seeds, todo, done, workers, progress, label, wrist) -> tuple[int, float]:
+                  seeds, todo, done, workers, progress, label, wrist, oracle_version) -> tuple[int, float]:
     import ray
 
     from apo_ray.ray_utils import cluster_has, ray_session
@@ -271,7 +275,8 @@ def _run_parallel(task, scenario, policy, out, round_, corrector, image_size, ho
                                                       resources=resources)
         n = min(workers, len(todo))
         actors = [actor_cls.remote(task, scenario, policy, str(out), round_=round_, corrector=corrector,
-                                   image_size=image_size, horizon=horizon, wrist=wrist) for _ in range(n)]
+                                   image_size=image_size, horizon=horizon, wrist=wrist,
+                                   oracle_version=oracle_version) for _ in range(n)]
         ray.get([a.ping.remote() for a in actors])  # env construction is not part of the step rate
         bar = _Progress(len(todo), label, progress)
         queue = list(todo)

@@ -157,6 +157,7 @@ class TaskEnv:
             "success": np.array(self.is_success()),
             "target_pos": self._target_pos(obj_pos),
             "table_z": np.array(self._table_z()),
+            "wall_clearance": self._wall_clearance(obj_pos),
             "t": np.array(self._t),
         }
         return priv
@@ -179,6 +180,14 @@ class TaskEnv:
         if self.task.name == "stack":
             return np.asarray(sim.data.body_xpos[env.cubeB_body_id], np.float64).copy()
         return self._start_pos + np.array([0.0, 0.0, 0.2])  # lift: raise it 20 cm
+
+    def _wall_clearance(self, obj_pos: np.ndarray) -> np.ndarray:
+        """(x, y) distance from the object's centre to the nearest wall of the bin it starts in (inf on a
+        table): an open finger beside the object needs room there."""
+        env = self.env
+        if not hasattr(env, "bin1_pos"):
+            return np.array([np.inf, np.inf])
+        return np.asarray(env.bin_size[:2], np.float64) / 2 - np.abs(obj_pos[:2] - np.asarray(env.bin1_pos[:2]))
 
     def _table_z(self) -> float:
         env = self.env

@@ -29,6 +29,15 @@ OPEN_GAP = 0.07
 ROT_MAX = 0.3
 """Cap on rotation actions (x 0.5 rad): a larger orientation error saturates the 12 Nm wrist joints, and the
 clipped torques then stall the arm's translation too."""
+WALL_CLEARANCE = 0.06
+"""Clearance (m) from a round object's centre to a container wall that an open finger needs beside it; closer
+than that along the fingers' default axis, revision 2 turns the grasp 90 degrees."""
+REGRASP_STEPS = 25
+"""Revision 2: steps the gripper may close in the grasp phase without holding anything before the oracle opens,
+rises to the hover height and tries again (a normal close holds the object within ~10)."""
+VERSION = 2
+"""1: as first shipped. 2: clears container walls with its grasp yaw and retries a grasp that holds nothing
+(docs/FINDINGS.md §19). Runs pin theirs in ``collect.oracle_version``, so an old run resumes unchanged."""
 MAX_TILT = 0.5
 """Gripper tilt (rad from pointing down) beyond which the oracle only turns back: a twisted wrist drives the
 arm into joint limits where OSC stalls."""
@@ -106,9 +115,12 @@ def _orientation_action(eef_quat: np.ndarray, yaw_target: float, limit: float = 
 class Oracle:
     """``act(privileged) -> (7,) float32``; ``phase``, ``critical``, ``stage``, ``progress``, ``subgoal_reached``."""
 
-    def __init__(self, task: str) -> None:
+    def __init__(self, task: str, version: int = VERSION) -> None:
+        if version not in (1, 2):
+            raise ValueError(f"oracle version {version} does not exist (1 or 2)")
         self.task = get_task(task).name
         self.plan = PLANS[self.task]
+        self.version = version
         self.reset()
 
     def reset(self) -> None:
@@ -117,6 +129,8 @@ class Oracle:
         self.subgoal_reached = False
         self._held = 0  # consecutive grasped steps
         self._reopen = False  # closed on nothing: open before trying again
+        self._closing = 0  # consecutive grasp-phase steps holding nothing
+        self._retry = False  # a grasp timed out: open and rise to the hover height before the next one
         self._yaw_goal = 0.0
 
     @property
@@ -206,11 +220,14 @@ class Oracle:
             if placed_now:
                 self.phase = "release"  # the object is still settling onto its target
                 goal = eef.copy()
-            elif self._reopen:
+            elif self._reopen or self._retry:
                 self.phase = "reopen"
                 goal = np.array([eef[0], eef[1], max(eef[2], hover_z)])
                 dist = 1.0
-            elif xy_err < 0.01 and eef[2] < grasp_pt[2] + 0.012:
+                # a jammed finger frees itself only on the way up, not at the height it jammed at
+                self._retry = self._retry and not (gap > OPEN_GAP and eef[2] > hover_z - 0.02)
+            elif xy_err < 0.01 and eef[2] < grasp_pt[2] + 0.012 and (
+                    self.version < 2 or yaw_ok or gap < OPEN_GAP - 0.01):  # v2: close only at the grasp yaw
                 self.phase = "grasp"
                 goal = grasp_pt
                 gripper = CLOSE
@@ -225,6 +242,9 @@ class Oracle:
                 goal = np.array([eef[0], eef[1], hover_z]) if low else np.array([*grasp_pt[:2], hover_z])
                 dist = xy_err + abs(hover_z - eef[2]) + abs(_wrap(yaw_goal - eef_yaw, 2 * np.pi)) * 0.05
 
+        self._closing = self._closing + 1 if self.phase == "grasp" and not grasped else 0
+        if self.version >= 2 and self._closing > REGRASP_STEPS:
+            self._retry, self._closing = True, 0
         self._yaw_goal = yaw_goal
         self.subgoal_reached = dist < 0.01
         self.progress = self.stage + 0.9 * (1.0 - min(dist / 0.3, 1.0))
@@ -246,7 +266,10 @@ class Oracle:
         """Gripper yaw for grasping: the object's yaw plus offset, modulo its symmetry."""
         p = self.plan
         if p.yaw_symmetry == 0.0:
-            return 0.0
+            # round: any yaw grips it, but at yaw 0 the fingers close along y, so one lands on a y wall it
+            # stands close to; v2 then closes along x, if x has more room
+            cx, cy = o.get("wall_clearance", (np.inf, np.inf))
+            return np.pi / 2 if self.version >= 2 and cy < WALL_CLEARANCE and cx > cy else 0.0
         # the equivalent yaw nearest to the arm's home yaw (0), not to the current one: this unwinds a wrist
         # that a policy has twisted, before the twist locks a joint
         return _wrap(_yaw(o["object_quat"]) + p.yaw_offset, p.yaw_symmetry)
@@ -259,5 +282,5 @@ def _object_yaw_error(yaws: tuple[float, ...], yaw: float) -> float:
     return min((_wrap(y - yaw, 2 * np.pi) for y in yaws), key=abs)
 
 
-def make_oracle(task: str) -> Oracle:
-    return Oracle(task)
+def make_oracle(task: str, version: int = VERSION) -> Oracle:
+    return Oracle(task, version)

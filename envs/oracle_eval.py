@@ -17,6 +17,7 @@ import numpy as np
 
 from envs.corrector import Corrector
 from envs.env import TaskEnv
+from envs.oracle import VERSION as ORACLE_VERSION
 from envs.oracle import make_oracle
 
 
@@ -45,9 +46,9 @@ def run_episode(env: TaskEnv, oracle: Any, seed: int, policy: Callable[[dict, np
             "interventions": corrector.interventions if corrector is not None else 0}
 
 
-def evaluate(task: str, scenario: str, seeds: list[int]) -> dict[str, Any]:
+def evaluate(task: str, scenario: str, seeds: list[int], version: int = ORACLE_VERSION) -> dict[str, Any]:
     env = TaskEnv(task, scenario, camera=False)
-    oracle = make_oracle(task)
+    oracle = make_oracle(task, version)
     start = time.perf_counter()
     try:
         results = [run_episode(env, oracle, s) for s in seeds]
@@ -55,7 +56,7 @@ def evaluate(task: str, scenario: str, seeds: list[int]) -> dict[str, Any]:
         env.close()
     ok = [r for r in results if r["success"]]
     return {
-        "task": task, "scenario": env.scenario, "episodes": len(results), "successes": len(ok),
+        "task": task, "scenario": env.scenario, "oracle_version": version, "episodes": len(results), "successes": len(ok),
         "success_rate": len(ok) / max(len(results), 1),
         "mean_steps_success": sum(r["steps"] for r in ok) / max(len(ok), 1),
         "mean_steps": sum(r["steps"] for r in results) / max(len(results), 1),
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scenario", default="nominal")
     ap.add_argument("--seeds", type=int, default=100)
     ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--oracle-version", type=int, choices=(1, 2), default=ORACLE_VERSION,
+                    help="oracle revision (envs/oracle.py VERSION)")
     args = ap.parse_args(argv)
     if args.table:
         with open(args.table) as f:
@@ -89,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.task:
         ap.error("--task is required")
-    print(json.dumps(evaluate(args.task, args.scenario, list(range(args.first_seed,
-                                                                    args.first_seed + args.seeds)))))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    print(json.dumps(evaluate(args.task, args.scenario, seeds, args.oracle_version)))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,13 @@ def test_run_dir_refuses_a_different_config(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"'corrector.off_target_steps' differs \(0 there, 3 now\)"):
         prepare_run_dir(config.load(SMOKE, ["loop.arms=[apo,dagger]"]), st, resume=True)
     prepare_run_dir(config.load(SMOKE, ["loop.arms=[apo,dagger]", "corrector.off_target_steps=0"]), st, resume=True)
+    # ... and runs before the oracle's revision 2 collected with revision 1
+    del saved["collect"]["oracle_version"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    old = ["loop.arms=[apo,dagger]", "corrector.off_target_steps=0"]
+    with pytest.raises(UserError, match=r"'collect.oracle_version' differs \(1 there, 2 now\)"):
+        prepare_run_dir(config.load(SMOKE, old), st, resume=True)
+    prepare_run_dir(config.load(SMOKE, [*old, "collect.oracle_version=1"]), st, resume=True)
 
 
 def test_chaos_kill_timing_follows_the_runs_pace(tmp_path: Path) -> None:
@@ -223,6 +230,8 @@ def test_fork_keeps_exactly_the_stages_the_new_config_would_reproduce() -> None:
     assert kept == [k for k in new_plan if not k.startswith("r3/")]
     # the corrector shapes every deployment: only round 0 stays; a new base budget changes pi0: only its data
     assert _fork_kept(["corrector.deviation_threshold=0.5"])[0] == r0
+    # another oracle revision makes other demos: nothing stays
+    assert _fork_kept(["collect.oracle_version=1"])[0] == []
     assert _fork_kept(["loop.base_max_steps=30"])[0] == r0[:2]
     # how a stage runs (workers, videos) is not what it produces; a smaller evaluation is
     assert _fork_kept(["eval.workers=1", "collect.videos=0"])[0] == _fork_kept([])[0] == _fork_kept([])[1]

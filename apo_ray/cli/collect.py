@@ -24,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wrist", action="store_true",
                    help="add the eye-in-hand view beside agentview (on by itself for a checkpoint trained with it)")
     p.add_argument("--horizon", type=int, default=0, help="max steps per episode (0 = task default)")
+    p.add_argument("--oracle-version", type=int, choices=(1, 2), default=None,
+                   help="scripted oracle revision for demos, corrections and labels (default: the current, 2)")
     p.add_argument("--no-corrector", action="store_true", help="let the policy act alone (c=1 everywhere)")
     p.add_argument("--config", help="YAML config whose `corrector` section tunes the triggers")
     p.add_argument("--resume", action="store_true", help="keep episodes already in OUT, run the missing ones")
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     corrector = None if args.no_corrector else cfg.corrector
     summary = collect(args.task, args.scenario, args.policy, args.episodes, args.workers, args.seed, args.out,
                       round_=args.round_, corrector=corrector, image_size=args.image_size,
-                      horizon=args.horizon, wrist=args.wrist, videos=args.videos, address=args.address, resume=args.resume)
+                      horizon=args.horizon, wrist=args.wrist, videos=args.videos, address=args.address, resume=args.resume,
+                      oracle_version=args.oracle_version)
     print(json.dumps(summary))
     return 0
