@@ -185,6 +185,7 @@ def stage_inputs(cfg: Config, st: Stage) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": st.kind, "deps": stage_deps(cfg, st)}
     if st.kind in ("collect", "eval"):
         out["env"] = section("env")
+        out["oracle_version"] = cfg.collect.oracle_version  # eval episodes carry its oracle_action labels
     if st.kind == "collect":
         out["collect"] = section("collect")
         if st.round == 0:
@@ -388,7 +389,8 @@ class Loop:
         ev, e = self.cfg.eval, self.cfg.env
         return evaluate(self.checkpoint(st.round, st.arm), e.task, st.scenario, ev.episodes, ev.workers, ev.seed,
                         work, videos=ev.videos, image_size=e.image_size, horizon=e.horizon, address=self.address,
-                        resume=True, progress=self.progress, round_=st.round, wrist=e.wrist)
+                        resume=True, progress=self.progress, round_=st.round, wrist=e.wrist,
+                        oracle_version=self.cfg.collect.oracle_version)
 
     # ---- driver
 

@@ -152,6 +152,7 @@ class Oracle:
             self._reopen = False
         elif gap < EMPTY_GAP:
             self._reopen = True
+        self._retry = self._retry and not grasped
 
         eef_yaw = _yaw(quat)
         grasp_pt = self.grasp_point(o)
