@@ -48,8 +48,7 @@ class OraclePolicy:
     def __init__(self, task: str, oracle_version: int | None = None) -> None:
         import envs
 
-        version = envs.ORACLE_VERSION if oracle_version is None else oracle_version
-        self._make = lambda: envs.make_oracle(task, version)
+        self._make = lambda: envs.make_oracle(task, oracle_version)
         self._oracles: list = []
         self.version = "oracle"
 

@@ -97,9 +97,8 @@ class RolloutWorker:
         self.out_dir = Path(out_dir)
         self.env = envs.TaskEnv(task, scenario, image_size=image_size, camera=True,
                                 cheap_render=cheap_render, horizon=horizon, wrist=wrist)
-        version = envs.ORACLE_VERSION if oracle_version is None else oracle_version
-        self.policy = make_policy(policy, task, version)
-        self.oracle = envs.make_oracle(task, version)
+        self.policy = make_policy(policy, task, oracle_version)
+        self.oracle = envs.make_oracle(task, oracle_version)
         self.corrector = envs.Corrector(task, corrector) if corrector is not None and corrector.enabled else None
 
     def ping(self) -> int:

@@ -5,10 +5,9 @@ Imports only the apo_ray leaves (no torch, no ray); robosuite/robomimic load whe
 
 from envs.corrector import Corrector
 from envs.env import TaskEnv
-from envs.oracle import VERSION as ORACLE_VERSION
 from envs.oracle import Oracle, make_oracle
 from envs.scenarios import SCENARIOS, ScenarioSpec, compose, parse_scenario
 from envs.tasks import TASKS, TaskSpec, get_task
 
-__all__ = ["ORACLE_VERSION", "SCENARIOS", "TASKS", "Corrector", "Oracle", "ScenarioSpec", "TaskEnv", "TaskSpec", "compose",
+__all__ = ["SCENARIOS", "TASKS", "Corrector", "Oracle", "ScenarioSpec", "TaskEnv", "TaskSpec", "compose",
            "get_task", "make_oracle", "parse_scenario"]

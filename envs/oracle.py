@@ -283,5 +283,6 @@ def _object_yaw_error(yaws: tuple[float, ...], yaw: float) -> float:
     return min((_wrap(y - yaw, 2 * np.pi) for y in yaws), key=abs)
 
 
-def make_oracle(task: str, version: int = VERSION) -> Oracle:
-    return Oracle(task, version)
+def make_oracle(task: str, version: int | None = None) -> Oracle:
+    """The oracle for ``task`` at revision ``version`` (None: the current one, ``VERSION``)."""
+    return Oracle(task, VERSION if version is None else version)

@@ -47,7 +47,7 @@ def _priv(env: TaskEnv, state: np.ndarray) -> dict[str, np.ndarray]:
 def classify(path: Path, cache: dict) -> tuple[bool, str, list[str], float]:
     """(success, furthest sub-goal, what each intervention took over from, the object's starting distance to
     the nearest bin wall in m) of one episode file."""
-    t = pq.read_table(path, columns=["task", "scenario", "seed", "state", "success", "intervention_id", "c"])
+    t = pq.read_table(path, columns=["task", "scenario", "seed", "state", "success", "c"])
     d = t.to_pydict()
     env = _replayer(d["task"][0], d["scenario"][0], cache)
     env.reset(int(d["seed"][0]))
