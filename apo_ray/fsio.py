@@ -59,6 +59,17 @@ def disk_error(exc: BaseException) -> str | None:
     return None
 
 
+def _umask() -> int:
+    """The process umask, read without setting it: ``os.umask`` has no getter and is process-wide."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path beside ``dest``; rename it onto ``dest`` only if the block succeeds."""
@@ -66,6 +77,7 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + dest.stem + ".", suffix=dest.suffix, dir=dest.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide reports and data from the user's group
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -86,6 +98,7 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + dest.name + ".", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # as a plain mkdir would, not mkdtemp's 0700
     try:
         yield tmp
         if dest.exists():

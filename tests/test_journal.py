@@ -155,3 +155,23 @@ def test_storage_mirrors_a_run_dir_through_a_uri(tmp_path: Path) -> None:
     assert Journal(st2.local).done("r0/demos/collect")
     assert (st2.local / "r0/demos/collect/f1.txt").read_text() == "1"
     assert work_name("r1/apo/x") == "r1__apo__x"
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_atomic_writes_follow_the_umask(tmp_path: Path, umask: int, file_mode: int, dir_mode: int) -> None:
+    """Atomic writes get the modes a plain open()/mkdir would, not mkstemp's 0600 / mkdtemp's 0700, so a report or
+    a checkpoint on a shared filesystem is readable by whom the user's umask allows (in a child process: the umask
+    is process-wide)."""
+    code = f"""
+import os, sys
+from pathlib import Path
+from apo_ray.fsio import atomic_dir, write_json
+os.umask({umask})
+out = Path(sys.argv[1])
+write_json(out / "a.json", {{"x": 1}})
+with atomic_dir(out / "ckpt") as d:
+    (d / "w.bin").write_bytes(b"0")
+print(oct(os.stat(out / "a.json").st_mode & 0o777), oct(os.stat(out / "ckpt").st_mode & 0o777))
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == [oct(file_mode), oct(dir_mode)]
