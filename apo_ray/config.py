@@ -66,6 +66,10 @@ class CollectConfig:
     videos: int = 0
     round: int = 0
     envs_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    """GPU share of each rollout actor, for the policy's forward pass in bf16 (0.25: four actors per GPU); 0 =
+    CPU. Used where the cluster has GPUs; on a cluster without, the actors run the policy on CPU, as train.use_gpu
+    falls back. A 7B VLA needs it: on CPU one action takes seconds."""
     oracle_version: int = 2
     """Revision of the scripted oracle that collects demos and corrects: 1 as first shipped; 2 also turns its
     grasp to clear a bin wall and retries a grasp that holds nothing (docs/FINDINGS.md §19). A run made
@@ -179,6 +183,8 @@ class EvalConfig:
     """First seed of the held-out evaluation list; never overlaps collection seeds."""
     workers: int = 2
     videos: int = 0
+    gpus_per_worker: float = 0.0
+    """GPU share of each evaluation actor (as ``collect.gpus_per_worker``)."""
 
 
 @dataclass(frozen=True)
@@ -249,6 +255,14 @@ class Config:
         if self.collect.oracle_version not in (1, 2):
             raise UserError(f"collect.oracle_version {self.collect.oracle_version} does not exist",
                             "config collect.oracle_version", "use 2 (current) or 1 (as first shipped)")
+        for sec in ("collect", "eval"):
+            g = getattr(self, sec).gpus_per_worker
+            if g < 0:
+                raise UserError(f"{sec}.gpus_per_worker must be >= 0", f"config {sec}.gpus_per_worker",
+                                "use 0 (CPU) or a share of a GPU, e.g. 0.25")
+            if g > 1 and g != int(g):  # Ray packs fractions onto one GPU only
+                raise UserError(f"{sec}.gpus_per_worker {g} is neither a share of one GPU nor whole GPUs",
+                                f"config {sec}.gpus_per_worker", "use a share in (0, 1] or a whole number")
         if self.loop.base_batch_size < 0:
             raise UserError("loop.base_batch_size must be >= 0", "config loop.base_batch_size",
                             "set 0 (use data.batch_size) or a positive batch size")

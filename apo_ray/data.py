@@ -39,7 +39,7 @@ from apo_ray import schema as S
 from apo_ray.config import DataConfig
 from apo_ray.errors import UserError
 from apo_ray.fsio import TMP_PREFIX, atomic_dir, sha256_file, write_json
-from apo_ray.ray_utils import ray_session
+from apo_ray.ray_utils import cluster_offers, ray_session
 
 DATASET_SCHEMA_VERSION = 1
 DEFAULT_VOCAB_SIZE = 32064
@@ -688,7 +688,7 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
         if reference is not None:
             # Ray hides the GPUs from an actor that asks for none: on a GPU cluster the reference (a 7B VLA)
             # must ask for one, or it would score on the CPU in fp32
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            gpus = 1 if cluster_offers().get("GPU", 0) >= 1 else 0
             ds = ds.map_batches(RefLogp, fn_constructor_args=(functools.partial(_model_logp_fn,
                                 reference["checkpoint"]),), batch_format="pyarrow", batch_size=16, concurrency=1,
                                 num_gpus=gpus)

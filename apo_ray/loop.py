@@ -354,7 +354,7 @@ class Loop:
         return collect(e.task, st.scenario, policy, n, c.workers, seed, work, round_=st.round, corrector=corrector,
                        image_size=e.image_size, horizon=e.horizon, videos=videos, address=self.address,
                        resume=True, progress=self.progress, label=st.key, wrist=e.wrist,
-                       oracle_version=c.oracle_version)
+                       oracle_version=c.oracle_version, gpus=c.gpus_per_worker)
 
     def _dataset(self, st: Stage, work: Path) -> dict[str, Any]:
         from apo_ray.data import build_dataset
@@ -390,7 +390,7 @@ class Loop:
         return evaluate(self.checkpoint(st.round, st.arm), e.task, st.scenario, ev.episodes, ev.workers, ev.seed,
                         work, videos=ev.videos, image_size=e.image_size, horizon=e.horizon, address=self.address,
                         resume=True, progress=self.progress, round_=st.round, wrist=e.wrist,
-                        oracle_version=self.cfg.collect.oracle_version)
+                        oracle_version=self.cfg.collect.oracle_version, gpus=ev.gpus_per_worker)
 
     # ---- driver
 

@@ -82,7 +82,44 @@ def _start_embedded(ray, num_cpus: int | None, kwargs: dict) -> None:
             time.sleep(2.0 * attempt)
 
 
-def cluster_has(resource: str) -> bool:
-    import ray
 
-    return ray.cluster_resources().get(resource, 0) > 0
+AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
+"""Where ``ray up`` leaves the cluster config on the head node, beside the drivers ``ray job submit`` starts
+there (``APO_RAY_AUTOSCALER_CONFIG`` overrides it)."""
+
+
+def offered_resources(current: dict[str, float], autoscaler: dict | None) -> dict[str, float]:
+    """The most of each resource the cluster can hold: what it has now, or, under an autoscaler, the head's plus
+    every worker type at its ``max_workers``. A GPU node type at ``min_workers: 0`` is absent from
+    ``ray.cluster_resources()`` until something asks for a GPU, so the current view alone never scales it up."""
+    out = {k: float(v) for k, v in current.items() if v > 0}
+    types = (autoscaler or {}).get("available_node_types") or {}
+    head = (autoscaler or {}).get("head_node_type")
+    total: dict[str, float] = {}
+    for name, node in types.items():
+        if not isinstance(node, dict):
+            continue
+        n = 1 if name == head else node.get("max_workers", 0)
+        for k, v in (node.get("resources") or {}).items():
+            if isinstance(v, int | float) and v > 0 and isinstance(n, int) and n > 0:
+                total[k] = total.get(k, 0.0) + n * float(v)
+    return {k: max(out.get(k, 0.0), total.get(k, 0.0)) for k in out.keys() | total.keys()}
+
+
+def cluster_offers() -> dict[str, float]:
+    """:func:`offered_resources` of the connected cluster; off an autoscaled head, its resources now."""
+    import ray
+    import yaml
+
+    path = os.path.expanduser(os.environ.get("APO_RAY_AUTOSCALER_CONFIG", AUTOSCALER_CONFIG))
+    try:
+        with open(path) as f:
+            autoscaler = yaml.safe_load(f)
+    except FileNotFoundError:
+        autoscaler = None
+    except yaml.YAMLError as e:
+        from apo_ray.errors import UserError
+
+        raise UserError(f"the autoscaler config is not YAML ({str(e).splitlines()[0]})", path,
+                        "restore it with `ray up cluster.yaml`, or point APO_RAY_AUTOSCALER_CONFIG at it") from None
+    return offered_resources(ray.cluster_resources(), autoscaler if isinstance(autoscaler, dict) else None)

@@ -101,8 +101,9 @@ class RolloutWorker:
         self.oracle = envs.make_oracle(task, oracle_version)
         self.corrector = envs.Corrector(task, corrector) if corrector is not None and corrector.enabled else None
 
-    def ping(self) -> int:
-        return os.getpid()
+    def ping(self) -> str:
+        """Ready; returns where the policy runs (``cpu``, ``cuda:0``; scripted policies: ``cpu``)."""
+        return str(getattr(self.policy, "device", "cpu"))
 
     def run_episode(self, seed: int, video: bool = False) -> EpisodeStats:
         eid = episode_id(self.task, self.scenario, self.round, seed)
@@ -224,14 +225,16 @@ def collect(task: str, scenario: str, policy: str, episodes: int, workers: int, 
             out_dir: str | os.PathLike[str], *, round_: int = 0, corrector: CorrectorConfig | None = None,
             image_size: int = 64, horizon: int = 0, videos: int = 0, address: str | None = None,
             seeds: list[int] | None = None, resume: bool = False, progress: bool = True,
-            label: str = "collect", wrist: bool = False, oracle_version: int | None = None) -> dict[str, Any]:
+            label: str = "collect", wrist: bool = False, oracle_version: int | None = None,
+            gpus: float = 0.0) -> dict[str, Any]:
     """Run ``episodes`` rollouts on ``workers`` Ray actors; write one Parquet file per episode.
 
     Seeds are ``seed + i`` unless given. With ``resume``, episodes already on disk are kept and only the
     missing ones run. ``wrist`` adds the eye-in-hand view beside agentview; a checkpoint trained on both views
     turns it on itself. ``oracle_version`` pins the scripted oracle's revision (demos, corrector and the
-    ``oracle_action`` labels; None: the current one). Returns the summary dict (also written to
-    ``out_dir/collect.json``).
+    ``oracle_action`` labels; None: the current one). ``gpus`` is each actor's GPU share for a checkpoint policy,
+    used where the cluster has GPUs. Returns the summary dict (also written to ``out_dir/collect.json``), with
+    ``policy_device``: where this call's actors ran the policy (None if every episode was already on disk).
     """
     validate_request(task, scenario, policy, episodes, workers)
     views = policy_views(policy)
@@ -250,33 +253,45 @@ def collect(task: str, scenario: str, policy: str, episodes: int, workers: int, 
         if path.exists():
             done[i] = read_episode_stats(path)
     todo = [i for i in range(len(seeds)) if i not in done]
-    new_steps, wall = 0, 0.0
+    new_steps, wall, device = 0, 0.0, None
     if todo:
-        new_steps, wall = _run_parallel(task, scenario, policy, out, round_, corrector, image_size, horizon,
-                                        videos, address, seeds, todo, done, workers, progress, label, wrist,
-                                        oracle_version)
+        new_steps, wall, device = _run_parallel(task, scenario, policy, out, round_, corrector, image_size,
+                                                horizon, videos, address, seeds, todo, done, workers, progress,
+                                                label, wrist, oracle_version, 0.0 if is_scripted(policy) else gpus)
     stats = [done[i] for i in range(len(seeds))]
-    summary = summarize(stats, wall, new_steps)
+    summary = {**summarize(stats, wall, new_steps), "policy_device": device}
     write_json(out / "collect.json", {"task": task, "scenario": scenario, "policy": policy,
                                       "round": round_, "seeds": seeds, **summary})
     return summary
 
 
-def _run_parallel(task, scenario, policy, out, round_, corrector, image_size, horizon, videos, address,
-                  seeds, todo, done, workers, progress, label, wrist, oracle_version) -> tuple[int, float]:
+def actor_placement(gpus: float, cluster: dict[str, float]) -> dict[str, Any]:
+    """Ray options for a rollout actor, given what the cluster offers (``ray_utils.cluster_offers``): a GPU share
+    where asked for and the cluster has or can add GPUs (the policy then runs there in bf16), else pinned to
+    the ``sim`` rollout nodes where the cluster has them."""
+    if gpus > 0 and cluster.get("GPU", 0) > 0:
+        return {"num_cpus": 1, "num_gpus": gpus}
+    return {"num_cpus": 1, "resources": {"sim": 1} if cluster.get("sim", 0) > 0 else {}}
+
+
+def _run_parallel(task, scenario, policy, out, round_, corrector, image_size, horizon, videos, address, seeds,
+                  todo, done, workers, progress, label, wrist, oracle_version, gpus) -> tuple[int, float, str]:
     import ray
 
-    from apo_ray.ray_utils import cluster_has, ray_session
+    from apo_ray.ray_utils import cluster_offers, ray_session
 
     with ray_session(address):
-        resources = {"sim": 1} if cluster_has("sim") else {}  # pin sims to rollout nodes
-        actor_cls = ray.remote(RolloutWorker).options(num_cpus=1, max_restarts=3, max_task_retries=3,
-                                                      resources=resources)
+        placement = actor_placement(gpus, cluster_offers())
+        if gpus > 0 and "num_gpus" not in placement:
+            print(f"[{label}] gpus_per_worker {gpus} but the cluster has no GPU: the policy runs on CPU",
+                  file=sys.stderr)
+        actor_cls = ray.remote(RolloutWorker).options(max_restarts=3, max_task_retries=3, **placement)
         n = min(workers, len(todo))
         actors = [actor_cls.remote(task, scenario, policy, str(out), round_=round_, corrector=corrector,
                                    image_size=image_size, horizon=horizon, wrist=wrist,
                                    oracle_version=oracle_version) for _ in range(n)]
-        ray.get([a.ping.remote() for a in actors])  # env construction is not part of the step rate
+        # env construction is not part of the step rate
+        device = ",".join(sorted(set(ray.get([a.ping.remote() for a in actors]))))
         bar = _Progress(len(todo), label, progress)
         queue = list(todo)
         pending: dict[Any, tuple[int, Any]] = {}
@@ -304,4 +319,4 @@ def _run_parallel(task, scenario, policy, out, round_, corrector, image_size, ho
             wall = time.monotonic() - t0
             for a in actors:
                 ray.kill(a)
-    return steps, wall
+    return steps, wall, device

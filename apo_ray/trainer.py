@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from apo_ray import fsio
-from apo_ray.config import Config, from_dict
+from apo_ray.config import Config, TrainConfig, from_dict
 from apo_ray.errors import UserError
 from apo_ray.loss import NEEDS_REFERENCE, NEEDS_UNDESIRABLE, OBJECTIVES
 
@@ -266,6 +266,17 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
     return result
 
 
+def train_placement(t: TrainConfig, offered: dict[str, float]) -> tuple[bool, dict[str, float]]:
+    """(use_gpu, resources per Ray Train worker), given what the cluster can hold (``ray_utils.cluster_offers``):
+    a GPU each where ``train.use_gpu`` and the cluster has or can scale to one per worker, and the ``trainer``
+    resource where it offers that, so the workers land on (and scale out) the trainer node type."""
+    use_gpu = bool(t.use_gpu and offered.get("GPU", 0) >= t.workers)
+    res = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    if offered.get("trainer", 0) > 0:
+        res["trainer"] = 1.0
+    return use_gpu, res
+
+
 def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
     import ray
     import ray.train
@@ -273,11 +284,14 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from apo_ray.ray_utils import cluster_offers
+
     cols = list(BASE_COLUMNS) + (list(REF_COLUMNS) + info["ref_optional"]
                                  if loop_cfg["ref_mode"] == "cached" else [])
     ds = ray.data.read_parquet(info["shards"], columns=cols, num_cpus=0.25)
-    use_gpu = bool(t.use_gpu and ray.cluster_resources().get("GPU", 0) >= t.workers)
-    cpus = ray.cluster_resources().get("CPU", 0)
+    offered = cluster_offers()
+    use_gpu, resources = train_placement(t, offered)
+    cpus = offered.get("CPU", 0)
     if t.workers * t.cpus_per_worker + 1 > cpus:
         # Ray Data's file listing needs a whole free CPU; without it iter_torch_batches waits forever
         raise UserError(f"{t.workers} train workers x {t.cpus_per_worker} CPU leave no CPU for Ray Data on a "
@@ -287,7 +301,7 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
         _train_loop,
         train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+                                     resources_per_worker=resources),
         run_config=RunConfig(name="train", storage_path=str((out_dir / "ray").resolve()),
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -300,7 +314,7 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
         if (out_dir / NAN_MARKER).is_file():
             return {}
         raise RuntimeError(f"training failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}") from e
-    metrics = {**(result.metrics or {}), "reference": loop_cfg["ref_mode"]}
+    metrics = {**(result.metrics or {}), "reference": loop_cfg["ref_mode"], "device": "cuda" if use_gpu else "cpu"}
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d, fsio.atomic_dir(out_dir / "checkpoint") as tmp:
             shutil.copytree(Path(d) / "hf", tmp, dirs_exist_ok=True)

@@ -26,7 +26,10 @@ class VLAPolicy:
         self.model, self.proc, self.action_stats = load_policy(ckpt_dir)
         self.meta = self.proc.meta
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # on a GPU the policy acts in bf16, the precision the trainer and the reference stage use there
         self.model.to(self.device).eval()
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            self.model.to(torch.bfloat16)
         self.instruction = instruction or self.meta.default_instruction
         d = Path(ckpt_dir)
         d = d / "checkpoint" if (d / "checkpoint" / META_FILE).is_file() else d

@@ -38,6 +38,7 @@ rises to the hover height and tries again (a normal close holds the object withi
 VERSION = 2
 """1: as first shipped. 2: clears container walls with its grasp yaw and retries a grasp that holds nothing
 (docs/FINDINGS.md §19). Runs pin theirs in ``collect.oracle_version``, so an old run resumes unchanged."""
+VERSIONS = tuple(range(1, VERSION + 1))
 MAX_TILT = 0.5
 """Gripper tilt (rad from pointing down) beyond which the oracle only turns back: a twisted wrist drives the
 arm into joint limits where OSC stalls."""

@@ -18,7 +18,7 @@ import numpy as np
 from envs.corrector import Corrector
 from envs.env import TaskEnv
 from envs.oracle import VERSION as ORACLE_VERSION
-from envs.oracle import make_oracle
+from envs.oracle import VERSIONS, make_oracle
 
 
 def run_episode(env: TaskEnv, oracle: Any, seed: int, policy: Callable[[dict, np.ndarray], np.ndarray] | None = None,
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scenario", default="nominal")
     ap.add_argument("--seeds", type=int, default=100)
     ap.add_argument("--first-seed", type=int, default=0)
-    ap.add_argument("--oracle-version", type=int, choices=(1, 2), default=ORACLE_VERSION,
+    ap.add_argument("--oracle-version", type=int, choices=VERSIONS, default=ORACLE_VERSION,
                     help="oracle revision (envs/oracle.py VERSION)")
     args = ap.parse_args(argv)
     if args.table:

@@ -57,3 +57,41 @@ def test_schema_rejects_a_broken_config(cluster: dict) -> None:
     bad["available_node_types"]["rollout"]["resources"]["sim"] = 0.5
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, _schema())
+
+
+def test_placement_scales_out_the_node_types(cluster: dict) -> None:
+    """On a fresh `ray up` the head sees no GPU (trainer type at min 0): the trainer, the reference stage and GPU
+    rollout actors must still ask for one, and for `trainer`, or the autoscaler never starts a GPU node."""
+    from apo_ray.config import TrainConfig
+    from apo_ray.ray_utils import offered_resources
+    from apo_ray.rollout import actor_placement
+    from apo_ray.trainer import train_placement
+
+    now = {"CPU": 4.0 + 16.0, "sim": 14.0, "memory": 3e10}  # the head + the one rollout node at min_workers
+    offered = offered_resources(now, cluster)
+    # head 4 CPU + 8 rollout x 16 + 2 trainer x 8; 8 x 14 simulators; 2 trainer nodes of 1 GPU
+    assert (offered["CPU"], offered["sim"], offered["GPU"], offered["trainer"]) == (148.0, 112.0, 2.0, 2.0)
+    assert offered["memory"] == 3e10
+    assert train_placement(TrainConfig(workers=2), offered) == (True, {"CPU": 0.5, "GPU": 1.0, "trainer": 1.0})
+    assert train_placement(TrainConfig(workers=3), offered)[0] is False  # more GPUs than it can ever hold: CPU
+    assert train_placement(TrainConfig(use_gpu=False), offered) == (False, {"CPU": 0.5, "trainer": 1.0})
+    assert actor_placement(0.25, offered) == {"num_cpus": 1, "num_gpus": 0.25}
+    assert actor_placement(0.0, offered) == {"num_cpus": 1, "resources": {"sim": 1}}
+    # a plain `ray start` cluster or a laptop has no autoscaler config: only what is there now counts
+    alone = offered_resources(now, None)
+    assert "GPU" not in alone and train_placement(TrainConfig(), alone) == (False, {"CPU": 0.5})
+
+
+@pytest.mark.ray
+def test_cluster_offers_reads_the_autoscaler_config(ray_local, tmp_path, monkeypatch) -> None:
+    from apo_ray.errors import UserError
+    from apo_ray.ray_utils import cluster_offers
+
+    monkeypatch.setenv("APO_RAY_AUTOSCALER_CONFIG", str(tmp_path / "none.yaml"))
+    assert "GPU" not in cluster_offers() and cluster_offers()["CPU"] == ray_local.cluster_resources()["CPU"]
+    monkeypatch.setenv("APO_RAY_AUTOSCALER_CONFIG", str(ROOT / "cluster.yaml"))
+    assert (cluster_offers()["GPU"], cluster_offers()["trainer"]) == (2.0, 2.0)
+    (tmp_path / "bad.yaml").write_text("available_node_types: [unclosed\n")
+    monkeypatch.setenv("APO_RAY_AUTOSCALER_CONFIG", str(tmp_path / "bad.yaml"))
+    with pytest.raises(UserError, match="the autoscaler config is not YAML"):
+        cluster_offers()

@@ -14,7 +14,7 @@ import pytest
 
 from apo_ray import schema as S
 from apo_ray.config import CorrectorConfig
-from apo_ray.rollout import RolloutWorker, collect
+from apo_ray.rollout import RolloutWorker, actor_placement, collect
 
 APO = [sys.executable, "-m", "apo_ray"]
 
@@ -133,6 +133,43 @@ def test_video_has_border_while_correcting(ray_local, tmp_path):
     assert red(frames[corr[len(corr) // 2]]) and not red(frames[pol[0]])
 
 
+def test_actor_placement_takes_a_gpu_share_only_where_the_cluster_has_gpus():
+    cpu, sim, gpu = {"CPU": 8.0}, {"CPU": 8.0, "sim": 4.0}, {"CPU": 8.0, "GPU": 1.0, "sim": 4.0}
+    assert actor_placement(0.0, cpu) == {"num_cpus": 1, "resources": {}}
+    assert actor_placement(0.0, sim) == actor_placement(0.0, gpu) == {"num_cpus": 1, "resources": {"sim": 1}}
+    assert actor_placement(0.25, sim) == {"num_cpus": 1, "resources": {"sim": 1}}  # no GPU: CPU, on sim nodes
+    # a GPU share leaves the CPU-only sim nodes: the policy acts on the GPU node
+    assert actor_placement(0.25, gpu) == {"num_cpus": 1, "num_gpus": 0.25}
+
+
+@pytest.mark.ray
+def test_checkpoint_policy_acts_on_its_gpu_share(ray_local, tmp_path, capsys):
+    """A trained policy asked onto a quarter GPU: there it acts in bf16 on CUDA; on this CPU-only Ray it falls
+    back to CPU, and says so. The episode files are the same kind either way."""
+    import torch
+
+    from apo_ray import model as M
+    from apo_ray.config import ModelConfig
+    from apo_ray.evaluate import evaluate
+
+    stats = {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}
+    model, proc = M.build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2), stats, 64,
+                                ["lift the red cube"], seed=0)
+    ckpt = M.save_checkpoint(model, proc, tmp_path / "ckpt")
+    gpu = torch.cuda.is_available()
+    res = evaluate(str(ckpt), "lift", "nominal", 2, 2, 100_000, tmp_path / "ev", horizon=15, gpus=0.25,
+                   progress=False)
+    assert res["policy_device"] == ("cuda:0" if gpu else "cpu") and res["episodes"] == 2
+    assert gpu or "gpus_per_worker 0.25 but the cluster has no GPU" in capsys.readouterr().err
+    for f in sorted((tmp_path / "ev" / "episodes").glob("*.parquet")):
+        ep = _read(f)
+        assert len(ep[S.T]) == 15 and (ep[S.C] == S.C_POLICY).all() and np.abs(ep[S.ACTION]).max() <= 1.0
+    # every episode already on disk: nothing ran, so no device to report
+    again = evaluate(str(ckpt), "lift", "nominal", 2, 2, 100_000, tmp_path / "ev", horizon=15, resume=True,
+                     progress=False)
+    assert again["policy_device"] is None and again["successes"] == res["successes"]
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--task", "lfit"], "unknown task 'lfit'"),
     (["--task", "lift", "--scenario", "posiiton"], "posiiton"),
@@ -141,6 +178,7 @@ def test_video_has_border_while_correcting(ray_local, tmp_path):
     (["--task", "lift", "--policy", "dart-oracle:x"], "dart-oracle:<sigma> with 0<=sigma<=1"),
     (["--task", "lift", "--policy", "gpt"], "unknown policy 'gpt'"),
     (["--task", "lift", "--image-size", "32"], "--image-size 32 out of range"),
+    (["--task", "lift", "--gpus-per-worker", "-1"], "--gpus-per-worker -1.0 is negative"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, needle):
     out = tmp_path / "bad"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from envs.oracle import VERSIONS
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collect", help="run policy + oracle corrector rollouts and save episodes as Parquet",
@@ -24,11 +26,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wrist", action="store_true",
                    help="add the eye-in-hand view beside agentview (on by itself for a checkpoint trained with it)")
     p.add_argument("--horizon", type=int, default=0, help="max steps per episode (0 = task default)")
-    p.add_argument("--oracle-version", type=int, choices=(1, 2), default=None,
+    p.add_argument("--oracle-version", type=int, choices=VERSIONS, default=None,
                    help="scripted oracle revision for demos, corrections and labels (default: the current, 2)")
     p.add_argument("--no-corrector", action="store_true", help="let the policy act alone (c=1 everywhere)")
     p.add_argument("--config", help="YAML config whose `corrector` section tunes the triggers")
     p.add_argument("--resume", action="store_true", help="keep episodes already in OUT, run the missing ones")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPU share of each actor for a checkpoint policy, run in bf16 (e.g. 0.25); 0 = CPU")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.set_defaults(func=run)
 
@@ -42,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     fsio.refuse_source_tree(args.out, "--out")
     if not 64 <= args.image_size <= 224:
         raise usage_error(f"--image-size {args.image_size} out of range", "use 64..224")
+    if args.gpus_per_worker < 0:
+        raise usage_error(f"--gpus-per-worker {args.gpus_per_worker} is negative", "use 0 (CPU) or a share, e.g. 0.25")
     if args.no_corrector and args.config:
         raise usage_error("--no-corrector conflicts with --config (which configures the corrector)",
                           "drop one of them, or set corrector.enabled=false in the config")
@@ -49,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     corrector = None if args.no_corrector else cfg.corrector
     summary = collect(args.task, args.scenario, args.policy, args.episodes, args.workers, args.seed, args.out,
                       round_=args.round_, corrector=corrector, image_size=args.image_size,
-                      horizon=args.horizon, wrist=args.wrist, videos=args.videos, address=args.address, resume=args.resume,
-                      oracle_version=args.oracle_version)
+                      horizon=args.horizon, wrist=args.wrist, videos=args.videos, address=args.address,
+                      resume=args.resume, oracle_version=args.oracle_version, gpus=args.gpus_per_worker)
     print(json.dumps(summary))
     return 0

@@ -23,17 +23,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--horizon", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPU share of each actor for a checkpoint policy, run in bf16 (e.g. 0.25); 0 = CPU")
     p.add_argument("--address")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from apo_ray import fsio
+    from apo_ray.cli import usage_error
     from apo_ray.evaluate import evaluate
 
     fsio.refuse_source_tree(args.out, "--out")
+    if args.gpus_per_worker < 0:
+        raise usage_error(f"--gpus-per-worker {args.gpus_per_worker} is negative", "use 0 (CPU) or a share, e.g. 0.25")
     result = evaluate(args.policy, args.task, args.scenario, args.episodes, args.workers, args.seed, args.out,
                       videos=args.videos, image_size=args.image_size, horizon=args.horizon, wrist=args.wrist,
-                      address=args.address, resume=args.resume)
+                      address=args.address, resume=args.resume, gpus=args.gpus_per_worker)
     print(json.dumps(result))
     return 0
