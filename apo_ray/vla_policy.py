@@ -25,7 +25,8 @@ class VLAPolicy:
             torch.set_num_threads(threads)
         self.model, self.proc, self.action_stats = load_policy(ckpt_dir)
         self.meta = self.proc.meta
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cuda = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else None
+        self.device = torch.device(device or cuda or "cpu")
         # on a GPU the policy acts in bf16, the precision the trainer and the reference stage use there
         self.model.to(self.device).eval()
         if self.device.type == "cuda" and torch.cuda.is_bf16_supported():

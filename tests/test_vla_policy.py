@@ -37,7 +37,7 @@ def test_kv_cache_decode_equals_recompute(ckpt):
     pol = VLAPolicy(ckpt, threads=1)
     obs = _obs(4, instruction=["lift the cube", "pick up the can and put it in the bin"])  # ragged prompts
     toks = pol.act_tokens(obs)
-    inp = pol.proc(np.stack([o["image"] for o in obs]), [o["instruction"] for o in obs])
+    inp = pol.proc(np.stack([o["image"] for o in obs]), [o["instruction"] for o in obs]).to(pol.device, pol._dtype())
     ref = pol._decode_no_cache(inp, pol.meta.action_offset, pol.meta.action_offset + 256)
     np.testing.assert_array_equal(toks, ref)
     assert toks.shape == (4, 7) and (toks >= pol.meta.action_offset).all()
