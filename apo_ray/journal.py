@@ -101,7 +101,9 @@ def set_progress(run_dir: Path, key: str | None, **info: Any) -> None:
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """One writer per run dir: a second ``apo-ray loop`` on the same dir fails at once instead of racing."""
+    """One writer per run dir: a second ``apo-ray loop`` on the same dir fails at once instead of racing. The
+    holder is the only writer, so temp files in the run dir's root (a journal or progress write cut by a kill)
+    are litter and go; readers (``status``, ``fork --from``) never take the lock, so never sweep."""
     run_dir.mkdir(parents=True, exist_ok=True)
     f = open(run_dir / ".lock", "w")  # noqa: SIM115 - held for the whole block
     try:
@@ -110,6 +112,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             raise UserError("another apo-ray loop is running on this run dir", str(run_dir),
                             "wait for it to finish, or stop it first") from None
+        fsio.sweep_tmp(run_dir)
         yield
     finally:
         f.close()

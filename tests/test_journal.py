@@ -97,18 +97,31 @@ def test_run_lock_refuses_a_second_writer(tmp_path: Path) -> None:
         pass
 
 
+def test_the_lock_holder_sweeps_a_killed_journal_write(tmp_path: Path) -> None:
+    """A SIGKILL inside the journal's atomic write leaves its temp file in the run dir's root (CI hit it once
+    with 3 xdist workers). A reader leaves it, since a live loop may be mid-write; the next writer sweeps it."""
+    run_stage(Journal(tmp_path), "a", _writer(1))
+    litter = tmp_path / ".tmp-journal.x1y2z3.json"
+    litter.write_text('{"order": [')
+    assert Journal(tmp_path).done("a") and litter.exists()
+    with run_lock(tmp_path):
+        assert not litter.exists() and Journal(tmp_path).done("a") and (tmp_path / "a" / "f0.txt").exists()
+
+
 WORKLOAD = r"""
 import sys, time
 from pathlib import Path
-from apo_ray.journal import Journal, run_stage
-run_dir = Path(sys.argv[1]); j = Journal(run_dir)
-for s in range(6):
-    def fn(work, s=s):
-        for i in range(20):
-            (work / f"part-{i}").write_text(f"{s}-{i}" * 100)
-            time.sleep(0.01)
-        return {"stage": s, "parts": 20}
-    run_stage(j, f"r{s // 3}/arm/stage{s % 3}", fn)
+from apo_ray.journal import Journal, run_lock, run_stage
+run_dir = Path(sys.argv[1])
+with run_lock(run_dir):  # as the loop writes: under the run dir's lock
+    j = Journal(run_dir)
+    for s in range(6):
+        def fn(work, s=s):
+            for i in range(20):
+                (work / f"part-{i}").write_text(f"{s}-{i}" * 100)
+                time.sleep(0.01)
+            return {"stage": s, "parts": 20}
+        run_stage(j, f"r{s // 3}/arm/stage{s % 3}", fn)
 """
 
 
