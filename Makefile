@@ -29,12 +29,11 @@ apt:
 	$(PY) -c "import apo_ray, envs, robosuite, robomimic, ray, deepspeed, transformers"
 	@touch $@
 
-# 3 workers on 2 cores: the Ray tests, the kill-and-resume loop (its own group) and the pure tests
 test: setup
-	$(PY) -m pytest -x -m "not slow" -n 3 --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -x -m "not slow" -n 2 --dist loadgroup --durations=15 tests
 
 test-all: setup
-	$(PY) -m pytest -x -n 3 --dist loadgroup tests
+	$(PY) -m pytest -x -n 2 --dist loadgroup tests
 
 lint: setup
 	.venv/bin/ruff check apo_ray envs jobs tests scripts

@@ -12,9 +12,8 @@ for _k, _v in {"MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": "egl", "RAY_AUTH_MODE": 
 
 
 def pytest_collection_modifyitems(config, items):
-    # Ray-using tests share one xdist worker (``--dist loadgroup``) so their embedded Ray instances never fight
-    # over the 2 cores; pure tests run beside them. The kill-and-resume loop has a worker of its own: it spends
-    # most of its ~20 min waiting on Ray start-ups and stage boundaries, and CI used 30% of the 2 cores.
+    # Ray-using tests share one xdist worker (``--dist loadgroup``) so two Ray instances never fight
+    # over the 2 cores; pure tests run beside them on the other worker.
     for item in items:
         if item.get_closest_marker("ray") and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group("ray"))

@@ -124,7 +124,6 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.ray
-@pytest.mark.xdist_group("chaos")  # its own worker: it drives Ray in subprocesses, ~20 min mostly waiting on them
 def test_loop_end_to_end_killed_and_resumed(tmp_path: Path, monkeypatch) -> None:
     """The chaos driver (`make chaos` does 20 kills) with 3 kills: an uninterrupted run, then one SIGKILLed 3 times,
     aimed at a collection, a dataset build and a training stage, each resumed by the same command. The kill point
