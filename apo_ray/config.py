@@ -68,8 +68,8 @@ class CollectConfig:
     envs_per_worker: int = 1
     gpus_per_worker: float = 0.0
     """GPU share of each rollout actor, for the policy's forward pass in bf16 (0.25: four actors per GPU); 0 =
-    CPU. Used where the cluster has GPUs; on a cluster without, the actors run the policy on CPU, as train.use_gpu
-    falls back. A 7B VLA needs it: on CPU one action takes seconds."""
+    CPU. Used where the cluster has GPUs or its autoscaler can add them; elsewhere the actors run the policy on
+    CPU, as train.use_gpu falls back. A 7B VLA needs it: on CPU one action takes seconds."""
     oracle_version: int = 2
     """Revision of the scripted oracle that collects demos and corrects: 1 as first shipped; 2 also turns its
     grasp to clear a bin wall and retries a grasp that holds nothing (docs/FINDINGS.md §19). A run made

@@ -82,7 +82,6 @@ def _start_embedded(ray, num_cpus: int | None, kwargs: dict) -> None:
             time.sleep(2.0 * attempt)
 
 
-
 AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
 """Where ``ray up`` leaves the cluster config on the head node, beside the drivers ``ray job submit`` starts
 there (``APO_RAY_AUTOSCALER_CONFIG`` overrides it)."""
