@@ -165,7 +165,7 @@ def _check_out_dir(out_dir: Path, resume: bool) -> None:
         raise UserError(f"out dir is not writable: {out_dir}", "--out", "choose a directory you can write to")
 
 
-def validate_request(task: str, scenario: str, policy: str, episodes: int, workers: int) -> None:
+def validate_request(task: str, scenario: str, policy: str, episodes: int, workers: int, gpus: float = 0.0) -> None:
     """Every check that needs no env and no Ray, so bad input fails before anything is created."""
     import envs
 
@@ -176,6 +176,8 @@ def validate_request(task: str, scenario: str, policy: str, episodes: int, worke
         raise UserError(f"--episodes must be >= 1, got {episodes}", "--episodes", "ask for at least one episode")
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}", "--workers", "use at least one worker")
+    if gpus < 0:
+        raise UserError(f"--gpus-per-worker {gpus} is negative", "--gpus-per-worker", "use 0 (CPU) or a share, e.g. 0.25")
 
 
 def read_episode_stats(path: Path) -> EpisodeStats:
@@ -236,7 +238,7 @@ def collect(task: str, scenario: str, policy: str, episodes: int, workers: int, 
     used where the cluster has GPUs. Returns the summary dict (also written to ``out_dir/collect.json``), with
     ``policy_device``: where this call's actors ran the policy (None if every episode was already on disk).
     """
-    validate_request(task, scenario, policy, episodes, workers)
+    validate_request(task, scenario, policy, episodes, workers, gpus)
     views = policy_views(policy)
     if wrist and views == 1 and not is_scripted(policy):
         raise UserError("the policy checkpoint takes agentview alone; the wrist camera would change its images",

@@ -46,8 +46,6 @@ def run(args: argparse.Namespace) -> int:
     fsio.refuse_source_tree(args.out, "--out")
     if not 64 <= args.image_size <= 224:
         raise usage_error(f"--image-size {args.image_size} out of range", "use 64..224")
-    if args.gpus_per_worker < 0:
-        raise usage_error(f"--gpus-per-worker {args.gpus_per_worker} is negative", "use 0 (CPU) or a share, e.g. 0.25")
     if args.no_corrector and args.config:
         raise usage_error("--no-corrector conflicts with --config (which configures the corrector)",
                           "drop one of them, or set corrector.enabled=false in the config")

@@ -31,12 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from apo_ray import fsio
-    from apo_ray.cli import usage_error
     from apo_ray.evaluate import evaluate
 
     fsio.refuse_source_tree(args.out, "--out")
-    if args.gpus_per_worker < 0:
-        raise usage_error(f"--gpus-per-worker {args.gpus_per_worker} is negative", "use 0 (CPU) or a share, e.g. 0.25")
     result = evaluate(args.policy, args.task, args.scenario, args.episodes, args.workers, args.seed, args.out,
                       videos=args.videos, image_size=args.image_size, horizon=args.horizon, wrist=args.wrist,
                       address=args.address, resume=args.resume, gpus=args.gpus_per_worker)
