@@ -489,15 +489,23 @@ def reference_logps(model: nn.Module, proc: Processor, images: np.ndarray, instr
     return {k: v.float().cpu().numpy().astype(np.float32) for k, v in out.items()}
 
 
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    """The one precision a policy trains, acts and is scored in on ``device``: bf16 on a GPU that has it, else fp32.
+    Trainer, reference stage and rollouts all ask here, since a reference scored in another dtype than the policy
+    would offset every log-ratio."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 def reference_logp_fn(checkpoint: str | Path):
     """``fn(micro_batch, token_sets) -> [(B,8)]`` per-token reference log-probs of each set of (B,7) tokens + EOS
     (the dataset's reference stage, :data:`apo_ray.data.LogpFn`); same scoring code as the trainer's live
     reference."""
     ref, proc, _ = load_policy(checkpoint)
-    # the trainer's policy runs in bf16 on CUDA; a reference scored in another dtype would offset every log-ratio
-    ref.to(*(("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32))).eval()
-    dev = next(ref.parameters()).device
-    dtype = next(ref.parameters()).dtype
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = compute_dtype(dev)
+    ref.to(dev, dtype).eval()
 
     @torch.no_grad()
     def fn(mb: dict[str, np.ndarray], token_sets: list[np.ndarray]) -> list[np.ndarray]:
@@ -572,7 +580,7 @@ def load_hf(mc: ModelConfig, action_stats: dict, image_size: int = 224):
     if not (path / "config.json").is_file():
         raise UserError(f"no HF model at '{path}' (config.json missing)", "config model.path",
                         "point model.path at a local HF VLA directory")
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dtype = compute_dtype("cuda" if torch.cuda.is_available() else "cpu")
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=True)
     auto_map = getattr(cfg, "auto_map", {}) or {}
     # OpenVLA registers AutoModelForVision2Seq, which transformers 5 no longer has: load its class directly

@@ -414,10 +414,10 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps, lc["total_steps"]))
     group = lc["group"]
-    ds_cfg = _ds_config(t, group * t.grad_accum, cuda)
+    dtype = M.compute_dtype(device)
+    ds_cfg = _ds_config(t, group * t.grad_accum, dtype == torch.bfloat16)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     engine.checkpoint_engine.load = _safe_ds_load
-    dtype = torch.bfloat16 if cuda else torch.float32
     if ref is not None:
         if t.zero_stage == 3:  # shard the replica like the policy
             ref_cfg = {k: v for k, v in ds_cfg.items() if k not in ("gradient_clipping",)}

@@ -15,7 +15,15 @@ import torch
 
 from apo_ray import fsio
 from apo_ray.errors import UserError
-from apo_ray.model import ACTION_DIM, META_FILE, N_BINS, TinyVLA, load_policy, tokens_to_actions
+from apo_ray.model import (
+    ACTION_DIM,
+    META_FILE,
+    N_BINS,
+    TinyVLA,
+    compute_dtype,
+    load_policy,
+    tokens_to_actions,
+)
 
 
 class VLAPolicy:
@@ -27,10 +35,8 @@ class VLAPolicy:
         self.meta = self.proc.meta
         cuda = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else None
         self.device = torch.device(device or cuda or "cpu")
-        # on a GPU the policy acts in bf16, the precision the trainer and the reference stage use there
-        self.model.to(self.device).eval()
-        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            self.model.to(torch.bfloat16)
+        # acts in the precision the trainer and the reference stage use on this device
+        self.model.to(self.device, compute_dtype(self.device)).eval()
         self.instruction = instruction or self.meta.default_instruction
         d = Path(ckpt_dir)
         d = d / "checkpoint" if (d / "checkpoint" / META_FILE).is_file() else d

@@ -217,13 +217,26 @@ def test_hf_kind_loads_remote_code_with_lora(tiny, tmp_path):
         M.build_model(dataclasses.replace(MC, kind="hf", path=str(tmp_path / "none")), STATS, 64)
 
 
+def test_one_precision_rule_for_every_stage(monkeypatch):
+    """Trainer, reference stage and rollouts take their dtype from compute_dtype: bf16 only on a GPU that has it,
+    so a GPU without bf16 runs all of them in fp32 rather than the policy in one dtype and its reference in
+    another."""
+    assert M.compute_dtype("cpu") == M.compute_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert M.compute_dtype("cuda:1") == torch.bfloat16 and M.compute_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert M.compute_dtype("cuda:0") == torch.float32
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bf16_scoring_on_gpu(tiny):
     model, proc = tiny
-    m = model.to("cuda", torch.bfloat16).eval()
+    dtype = M.compute_dtype("cuda")
+    assert dtype == torch.bfloat16  # every GPU this project targets (A100, H100, H200) has bf16
+    m = model.to("cuda", dtype).eval()
     _, _, inp, toks = _batch(proc)
-    sc = M.score_actions(m, inp.to("cuda", torch.bfloat16), [toks.cuda()], proc.meta)[0]
+    sc = M.score_actions(m, inp.to("cuda", dtype), [toks.cuda()], proc.meta)[0]
     assert torch.isfinite(sc.logp).all()
     model.to("cpu", torch.float32)
 
