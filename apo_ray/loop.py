@@ -437,18 +437,21 @@ class Loop:
         if done_before:
             self.log(f"resuming {self.storage.location}: {done_before}/{len(stages)} stages already complete")
         from apo_ray.ray_utils import ray_session
+        from apo_ray.rollout import keep_actors, release_actors
 
         if self.progress:  # Ray Data's per-dataset INFO lines would bury the stage lines
             import logging
 
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         t0 = time.monotonic()
-        with ray_session(self.address):
+        with ray_session(self.address), keep_actors():
             rnd = 0
             for st in stages:
                 if st.round != rnd:
                     self.write_report()
                     rnd = st.round
+                if st.kind not in ("collect", "eval") and not journal.done(st.key):
+                    release_actors()  # idle rollout actors hold the CPUs a dataset build or a training needs
                 self.run_stage(journal, st)
         report = self.write_report()
         set_progress(self.run_dir, None, finished=True)

@@ -8,10 +8,13 @@ re-runs an episode rewrites the same bytes under the same name: nothing is lost 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,26 +89,59 @@ def _maybe_fault(seed: int, t: int, out_dir: Path) -> None:
 
 
 class RolloutWorker:
-    """Owns one env, one policy copy, and (optionally) the oracle corrector watching it."""
+    """Owns one env, one policy copy, and (optionally) the oracle corrector watching it.
+
+    What it rolls out is its spec (:func:`rollout_spec`). ``run_episode`` may carry the spec of the episode it
+    asks for, and the worker rebuilds only what differs: a pooled actor (:func:`keep_actors`) then serves the
+    next stage without a process start or the torch/robosuite imports, and a stage with the same policy keeps
+    its weights loaded. An actor Ray restarts comes back with its constructor's spec and is put right by the
+    next call's."""
 
     def __init__(self, task: str, scenario: str, policy: str, out_dir: str, *, round_: int = 0,
                  corrector: CorrectorConfig | None = None, image_size: int = 64, horizon: int = 0,
                  cheap_render: bool = True, wrist: bool = False, oracle_version: int | None = None) -> None:
+        self.spec: dict[str, Any] | None = None
+        self.env: Any = None
+        self.policy: Any = None
+        self._env_key: tuple | None = None
+        self._policy_key: tuple | None = None
+        self.retarget(rollout_spec(task, scenario, policy, out_dir, round_=round_, corrector=corrector,
+                                   image_size=image_size, horizon=horizon, cheap_render=cheap_render, wrist=wrist,
+                                   oracle_version=oracle_version))
+
+    def retarget(self, spec: dict[str, Any]) -> None:
+        """Roll out ``spec`` from now on, rebuilding the env and the policy only where they differ."""
+        if spec == self.spec:
+            return
         import envs
 
-        self.task, self.scenario, self.round = task, scenario, round_
-        self.out_dir = Path(out_dir)
-        self.env = envs.TaskEnv(task, scenario, image_size=image_size, camera=True,
-                                cheap_render=cheap_render, horizon=horizon, wrist=wrist)
-        self.policy = make_policy(policy, task, oracle_version)
-        self.oracle = envs.make_oracle(task, oracle_version)
+        task, scenario, policy, ov = spec["task"], spec["scenario"], spec["policy"], spec["oracle_version"]
+        env_key = (task, scenario, spec["image_size"], spec["horizon"], spec["cheap_render"], spec["wrist"])
+        if env_key != self._env_key:
+            if self.env is not None:
+                self.env.close()
+            self.env = envs.TaskEnv(task, scenario, image_size=spec["image_size"], camera=True,
+                                    cheap_render=spec["cheap_render"], horizon=spec["horizon"], wrist=spec["wrist"])
+            self._env_key = env_key
+        policy_key = (policy, task, ov, _weights_stamp(policy))
+        if policy_key != self._policy_key:
+            self.policy = None  # the old weights go before the next ones load
+            self.policy = make_policy(policy, task, ov)
+            self._policy_key = policy_key
+        corrector = spec["corrector"]
+        self.oracle = envs.make_oracle(task, ov)
         self.corrector = envs.Corrector(task, corrector) if corrector is not None and corrector.enabled else None
+        self.task, self.scenario, self.round = task, scenario, spec["round_"]
+        self.out_dir = Path(spec["out_dir"])
+        self.spec = spec
 
     def ping(self) -> str:
         """Ready; returns where the policy runs (``cpu``, ``cuda:0``; scripted policies: ``cpu``)."""
         return str(getattr(self.policy, "device", "cpu"))
 
-    def run_episode(self, seed: int, video: bool = False) -> EpisodeStats:
+    def run_episode(self, seed: int, video: bool = False, spec: dict[str, Any] | None = None) -> EpisodeStats:
+        if spec is not None:
+            self.retarget(spec)
         eid = episode_id(self.task, self.scenario, self.round, seed)
         steps: dict[str, list] = {k: [] for k in (S.T, S.IMAGE, S.PROPRIO, S.ACTION, S.ORACLE_ACTION, S.C,
                                                   S.INTERVENTION_ID, S.REWARD, S.DONE, S.STATE)}
@@ -153,6 +189,23 @@ class RolloutWorker:
 
     def close(self) -> None:
         self.env.close()
+
+
+def rollout_spec(task: str, scenario: str, policy: str, out_dir: str | os.PathLike[str], *, round_: int = 0,
+                 corrector: CorrectorConfig | None = None, image_size: int = 64, horizon: int = 0,
+                 cheap_render: bool = True, wrist: bool = False, oracle_version: int | None = None) -> dict[str, Any]:
+    """Everything an episode depends on besides its seed: a :class:`RolloutWorker`'s constructor arguments."""
+    return {"task": task, "scenario": scenario, "policy": policy, "out_dir": str(out_dir), "round_": round_,
+            "corrector": corrector, "image_size": image_size, "horizon": horizon, "cheap_render": cheap_render,
+            "wrist": wrist, "oracle_version": oracle_version}
+
+
+def _weights_stamp(policy: str) -> int | None:
+    """When a checkpoint policy's files last changed, so a path retrained in place is loaded again."""
+    if is_scripted(policy):
+        return None
+    p = Path(policy)
+    return max((f.stat().st_mtime_ns for f in (p, p / "checkpoint") if f.exists()), default=None)
 
 
 def _check_out_dir(out_dir: Path, resume: bool) -> None:
@@ -276,6 +329,38 @@ def actor_placement(gpus: float, cluster: dict[str, float]) -> dict[str, Any]:
     return {"num_cpus": 1, "resources": {"sim": 1} if cluster.get("sim", 0) > 0 else {}}
 
 
+_pool: dict[str, list[Any]] | None = None
+"""Idle rollout actors by placement, while :func:`keep_actors` is open; None: each call kills its own."""
+
+
+@contextlib.contextmanager
+def keep_actors() -> Iterator[None]:
+    """Within this block (inside one Ray session) :func:`collect` hands its CPU actors back instead of killing
+    them, and the next call retargets them: a lifelong loop's evaluations and the next round's deployments then
+    skip the actor start, the torch and robosuite imports and, with the same policy, its load. An idle actor
+    still holds its CPU, so call :func:`release_actors` before a stage that needs them (a dataset build, a
+    training run)."""
+    global _pool
+    _pool = {}
+    try:
+        yield
+    finally:
+        release_actors()
+        _pool = None
+
+
+def release_actors() -> None:
+    """Kill the idle pooled actors, freeing their CPUs."""
+    if not _pool:
+        return
+    import ray
+
+    for actors in _pool.values():
+        for a in actors:
+            ray.kill(a)
+    _pool.clear()
+
+
 def _run_parallel(task, scenario, policy, out, round_, corrector, image_size, horizon, videos, address, seeds,
                   todo, done, workers, progress, label, wrist, oracle_version, gpus) -> tuple[int, float, str]:
     import ray
@@ -287,26 +372,34 @@ def _run_parallel(task, scenario, policy, out, round_, corrector, image_size, ho
         if gpus > 0 and "num_gpus" not in placement:
             print(f"[{label}] gpus_per_worker {gpus} but the cluster has no GPU: the policy runs on CPU",
                   file=sys.stderr)
-        actor_cls = ray.remote(RolloutWorker).options(max_restarts=3, max_task_retries=3, **placement)
+        spec = rollout_spec(task, scenario, policy, out, round_=round_, corrector=corrector, image_size=image_size,
+                            horizon=horizon, wrist=wrist, oracle_version=oracle_version)
+        # GPU shares are never pooled: an idle actor's share would keep the trainer off that GPU
+        pool_key = json.dumps(placement, sort_keys=True) if _pool is not None and "num_gpus" not in placement else None
         n = min(workers, len(todo))
-        actors = [actor_cls.remote(task, scenario, policy, str(out), round_=round_, corrector=corrector,
-                                   image_size=image_size, horizon=horizon, wrist=wrist,
-                                   oracle_version=oracle_version) for _ in range(n)]
-        # env construction is not part of the step rate
-        device = ",".join(sorted(set(ray.get([a.ping.remote() for a in actors]))))
+        actors = _pool.pop(pool_key, []) if pool_key is not None else []
+        for a in actors[n:]:
+            ray.kill(a)
+        actors = actors[:n]
+        actor_cls = ray.remote(RolloutWorker).options(max_restarts=3, max_task_retries=3, **placement)
+        actors += [actor_cls.remote(**spec) for _ in range(n - len(actors))]
         bar = _Progress(len(todo), label, progress)
         queue = list(todo)
         pending: dict[Any, tuple[int, Any]] = {}
-        t0, steps = time.monotonic(), 0
+        steps, ok = 0, False
 
         def submit(actor: Any) -> None:
             i = queue.pop(0)
-            pending[actor.run_episode.remote(seeds[i], i < videos)] = (i, actor)
+            pending[actor.run_episode.remote(seeds[i], i < videos, spec)] = (i, actor)
 
-        for a in actors:
-            if queue:
-                submit(a)
         try:
+            # env construction (or a pooled actor's retargeting) is not part of the step rate
+            ray.get([a.retarget.remote(spec) for a in actors])
+            device = ",".join(sorted(set(ray.get([a.ping.remote() for a in actors]))))
+            t0 = time.monotonic()
+            for a in actors:
+                if queue:
+                    submit(a)
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 i, actor = pending.pop(ready[0])
@@ -316,9 +409,12 @@ def _run_parallel(task, scenario, policy, out, round_, corrector, image_size, ho
                 bar.update(st, steps)
                 if queue:
                     submit(actor)
+            wall, ok = time.monotonic() - t0, True
         finally:
             bar.close()
-            wall = time.monotonic() - t0
-            for a in actors:
-                ray.kill(a)
+            if ok and pool_key is not None and _pool is not None:
+                _pool[pool_key] = actors
+            else:
+                for a in actors:
+                    ray.kill(a)
     return steps, wall, device

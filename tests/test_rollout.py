@@ -70,6 +70,32 @@ def test_same_seed_same_episode_across_actors_and_processes(ray_local, tmp_path)
 
 
 @pytest.mark.ray
+def test_a_pooled_actor_serves_the_next_stage_with_the_same_bytes(ray_local, tmp_path):
+    """Under keep_actors() (the loop's stages) one actor runs a deployment in another scenario and round, then is
+    retargeted to the first test's episode: the same bytes as a fresh actor's, and the same actor process."""
+    from apo_ray import rollout as R
+
+    collect("lift", "nominal", "noisy-oracle:0.2", 1, 1, 7, tmp_path / "a", corrector=CorrectorConfig(), horizon=60)
+    assert R._pool is None
+    with R.keep_actors():
+        collect("lift", "position", "oracle", 1, 1, 3, tmp_path / "other", round_=1, horizon=30,
+                corrector=CorrectorConfig())
+        (key, (actor,)), = R._pool.items()
+        collect("lift", "nominal", "noisy-oracle:0.2", 1, 1, 7, tmp_path / "d", corrector=CorrectorConfig(),
+                horizon=60)
+        assert [a._actor_id for a in R._pool[key]] == [actor._actor_id]  # reused, not replaced
+        R.release_actors()
+        assert R._pool == {}
+    assert R._pool is None
+    name = "lift-nominal-r0-s000007.parquet"
+    a, d = _read(tmp_path / "a" / "episodes" / name), _read(tmp_path / "d" / "episodes" / name)
+    assert not (tmp_path / "d" / "episodes" / "lift-position-r1-s000003.parquet").exists()
+    for col in (S.IMAGE, S.ACTION, S.ORACLE_ACTION, S.PROPRIO, S.C, S.INTERVENTION_ID):
+        np.testing.assert_array_equal(a[col], d[col], err_msg=col)
+    np.testing.assert_array_equal(np.stack(a[S.STATE]), np.stack(d[S.STATE]))
+
+
+@pytest.mark.ray
 def test_intervention_labels_match_who_acted(ray_local, tmp_path):
     summary = collect("lift", "nominal", "noisy-oracle:0.3", 3, 2, 0, tmp_path / "o", corrector=CorrectorConfig())
     assert summary["intervention_episodes"] >= 1 and summary["intervention_steps"] > 0
