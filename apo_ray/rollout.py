@@ -97,17 +97,14 @@ class RolloutWorker:
     its weights loaded. An actor Ray restarts comes back with its constructor's spec and is put right by the
     next call's."""
 
-    def __init__(self, task: str, scenario: str, policy: str, out_dir: str, *, round_: int = 0,
-                 corrector: CorrectorConfig | None = None, image_size: int = 64, horizon: int = 0,
-                 cheap_render: bool = True, wrist: bool = False, oracle_version: int | None = None) -> None:
+    def __init__(self, task: str, scenario: str, policy: str, out_dir: str, **options: Any) -> None:
+        """``options``: the keyword arguments of :func:`rollout_spec`, which holds their defaults."""
         self.spec: dict[str, Any] | None = None
         self.env: Any = None
         self.policy: Any = None
         self._env_key: tuple | None = None
         self._policy_key: tuple | None = None
-        self.retarget(rollout_spec(task, scenario, policy, out_dir, round_=round_, corrector=corrector,
-                                   image_size=image_size, horizon=horizon, cheap_render=cheap_render, wrist=wrist,
-                                   oracle_version=oracle_version))
+        self.retarget(rollout_spec(task, scenario, policy, out_dir, **options))
 
     def retarget(self, spec: dict[str, Any]) -> None:
         """Roll out ``spec`` from now on, rebuilding the env and the policy only where they differ."""
@@ -204,8 +201,10 @@ def _weights_stamp(policy: str) -> int | None:
     """When a checkpoint policy's files last changed, so a path retrained in place is loaded again."""
     if is_scripted(policy):
         return None
-    p = Path(policy)
-    return max((f.stat().st_mtime_ns for f in (p, p / "checkpoint") if f.exists()), default=None)
+    from apo_ray.model import checkpoint_dir  # a checkpoint policy loads the model module anyway
+
+    d = checkpoint_dir(policy)
+    return d.stat().st_mtime_ns if d.exists() else None
 
 
 def _check_out_dir(out_dir: Path, resume: bool) -> None:

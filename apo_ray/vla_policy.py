@@ -20,6 +20,7 @@ from apo_ray.model import (
     META_FILE,
     N_BINS,
     TinyVLA,
+    checkpoint_dir,
     compute_dtype,
     load_policy,
     tokens_to_actions,
@@ -38,8 +39,7 @@ class VLAPolicy:
         # acts in the precision the trainer and the reference stage use on this device
         self.model.to(self.device, compute_dtype(self.device)).eval()
         self.instruction = instruction or self.meta.default_instruction
-        d = Path(ckpt_dir)
-        d = d / "checkpoint" if (d / "checkpoint" / META_FILE).is_file() else d
+        d = checkpoint_dir(ckpt_dir)
         weights = next((p for p in (d / "model.safetensors", d / "adapter" / "adapter_model.safetensors")
                         if p.is_file()), d / META_FILE)
         self.version = f"vla:{fsio.sha256_file(weights)[:12]}"
