@@ -451,7 +451,7 @@ class Loop:
                     self.write_report()
                     rnd = st.round
                 if st.kind not in ("collect", "eval") and not journal.done(st.key):
-                    release_actors()  # idle rollout actors hold the CPUs a dataset build or a training needs
+                    release_actors(cpu_only=True)  # idle actors on CPUs would starve a dataset build or a training
                 self.run_stage(journal, st)
         report = self.write_report()
         set_progress(self.run_dir, None, finished=True)

@@ -64,11 +64,14 @@ def _start_embedded(ray, num_cpus: int | None, kwargs: dict) -> None:
     import psutil
 
     me = psutil.Process()
+    # the embedded node plays a rollout node too: one simulator slot per core (cluster.yaml's `sim`), so rollout
+    # actors hold a slot rather than a CPU, and the ones a loop keeps idle leave the CPUs to datasets and training
+    cores = num_cpus or len(os.sched_getaffinity(0))
     for attempt in range(1, EMBEDDED_START_TRIES + 1):
         before = {p.pid for p in me.children(recursive=True)}
         try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                     **kwargs)
+            ray.init(address="local", num_cpus=num_cpus, resources={"sim": float(cores)}, include_dashboard=False,
+                     dashboard_host="127.0.0.1", **kwargs)
             return
         except Exception as e:
             if "timed out during startup" not in str(e) or attempt == EMBEDDED_START_TRIES:

@@ -201,7 +201,7 @@ def _weights_stamp(policy: str) -> int | None:
     """When a checkpoint policy's files last changed, so a path retrained in place is loaded again."""
     if is_scripted(policy):
         return None
-    from apo_ray.model import checkpoint_dir  # a checkpoint policy loads the model module anyway
+    from apo_ray.checkpoint import checkpoint_dir
 
     d = checkpoint_dir(policy)
     return d.stat().st_mtime_ns if d.exists() else None
@@ -321,11 +321,15 @@ def collect(task: str, scenario: str, policy: str, episodes: int, workers: int, 
 
 def actor_placement(gpus: float, cluster: dict[str, float]) -> dict[str, Any]:
     """Ray options for a rollout actor, given what the cluster offers (``ray_utils.cluster_offers``): a GPU share
-    where asked for and the cluster has or can add GPUs (the policy then runs there in bf16), else pinned to
-    the ``sim`` rollout nodes where the cluster has them."""
+    where asked for and the cluster has or can add GPUs (the policy then runs there in bf16), else a ``sim``
+    slot where the cluster has them (rollout nodes, and the embedded node: one per core) and else a CPU. A
+    ``sim`` slot stands for the simulator's core, so the actor claims no CPU beside it: one kept idle between
+    stages (:func:`keep_actors`) does not block a dataset build or a training run."""
     if gpus > 0 and cluster.get("GPU", 0) > 0:
         return {"num_cpus": 1, "num_gpus": gpus}
-    return {"num_cpus": 1, "resources": {"sim": 1} if cluster.get("sim", 0) > 0 else {}}
+    if cluster.get("sim", 0) > 0:
+        return {"num_cpus": 0, "resources": {"sim": 1}}
+    return {"num_cpus": 1}
 
 
 _pool: dict[str, list[Any]] | None = None
@@ -337,8 +341,8 @@ def keep_actors() -> Iterator[None]:
     """Within this block (inside one Ray session) :func:`collect` hands its CPU actors back instead of killing
     them, and the next call retargets them: a lifelong loop's evaluations and the next round's deployments then
     skip the actor start, the torch and robosuite imports and, with the same policy, its load. An idle actor
-    still holds its CPU, so call :func:`release_actors` before a stage that needs them (a dataset build, a
-    training run)."""
+    on a ``sim`` slot holds memory only; one that holds a CPU (a cluster without ``sim``) must go before a stage
+    that needs the CPUs: call ``release_actors(cpu_only=True)`` before a dataset build or a training run."""
     global _pool
     _pool = {}
     try:
@@ -348,16 +352,15 @@ def keep_actors() -> Iterator[None]:
         _pool = None
 
 
-def release_actors() -> None:
-    """Kill the idle pooled actors, freeing their CPUs."""
+def release_actors(cpu_only: bool = False) -> None:
+    """Kill the idle pooled actors (with ``cpu_only``, those whose placement claims CPUs)."""
     if not _pool:
         return
     import ray
 
-    for actors in _pool.values():
-        for a in actors:
+    for key in [k for k in _pool if not cpu_only or json.loads(k).get("num_cpus", 0) > 0]:
+        for a in _pool.pop(key):
             ray.kill(a)
-    _pool.clear()
 
 
 def _run_parallel(task, scenario, policy, out, round_, corrector, image_size, horizon, videos, address, seeds,

@@ -21,13 +21,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real embedded Ray for the whole session; stages reuse it instead of starting their own."""
+    """A real embedded Ray for the whole session, started as the product starts its own (2 CPUs, 2 ``sim``
+    slots); stages reuse it instead of starting their own."""
     import ray
 
-    from apo_ray.ray_utils import worker_env
+    from apo_ray.ray_utils import ray_session
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": worker_env()})
-    yield ray
-    ray.shutdown()
+    with ray_session(num_cpus=2):
+        yield ray

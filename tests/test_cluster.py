@@ -76,7 +76,7 @@ def test_placement_scales_out_the_node_types(cluster: dict) -> None:
     assert train_placement(TrainConfig(workers=3), offered)[0] is False  # more GPUs than it can ever hold: CPU
     assert train_placement(TrainConfig(use_gpu=False), offered) == (False, {"CPU": 0.5, "trainer": 1.0})
     assert actor_placement(0.25, offered) == {"num_cpus": 1, "num_gpus": 0.25}
-    assert actor_placement(0.0, offered) == {"num_cpus": 1, "resources": {"sim": 1}}
+    assert actor_placement(0.0, offered) == {"num_cpus": 0, "resources": {"sim": 1}}
     # a plain `ray start` cluster or a laptop has no autoscaler config: only what is there now counts
     alone = offered_resources(now, None)
     assert "GPU" not in alone and train_placement(TrainConfig(), alone) == (False, {"CPU": 0.5})

@@ -84,6 +84,23 @@ def test_a_pooled_actor_serves_the_next_stage_with_the_same_bytes(ray_local, tmp
         collect("lift", "nominal", "noisy-oracle:0.2", 1, 1, 7, tmp_path / "d", corrector=CorrectorConfig(),
                 horizon=60)
         assert [a._actor_id for a in R._pool[key]] == [actor._actor_id]  # reused, not replaced
+        # kept on a sim slot it claims no CPU: the loop keeps it through dataset and training stages
+        assert json.loads(key) == {"num_cpus": 0, "resources": {"sim": 1}}
+        assert ray_local.available_resources()["CPU"] == ray_local.cluster_resources()["CPU"]
+        R.release_actors(cpu_only=True)
+        assert list(R._pool) == [key]
+        # an actor that holds a CPU (a cluster without sim slots) goes before such a stage
+        class Idle:  # defined here so that Ray ships it by value
+            def ping(self) -> int:
+                return 1
+
+        held = ray_local.remote(num_cpus=1)(Idle).remote()
+        ray_local.get(held.ping.remote())
+        R._pool['{"num_cpus": 1}'] = [held]
+        R.release_actors(cpu_only=True)
+        assert list(R._pool) == [key]
+        with pytest.raises(ray_local.exceptions.RayActorError):
+            ray_local.get(held.ping.remote())
         R.release_actors()
         assert R._pool == {}
     assert R._pool is None
@@ -161,9 +178,9 @@ def test_video_has_border_while_correcting(ray_local, tmp_path):
 
 def test_actor_placement_takes_a_gpu_share_only_where_the_cluster_has_gpus():
     cpu, sim, gpu = {"CPU": 8.0}, {"CPU": 8.0, "sim": 4.0}, {"CPU": 8.0, "GPU": 1.0, "sim": 4.0}
-    assert actor_placement(0.0, cpu) == {"num_cpus": 1, "resources": {}}
-    assert actor_placement(0.0, sim) == actor_placement(0.0, gpu) == {"num_cpus": 1, "resources": {"sim": 1}}
-    assert actor_placement(0.25, sim) == {"num_cpus": 1, "resources": {"sim": 1}}  # no GPU: CPU, on sim nodes
+    assert actor_placement(0.0, cpu) == {"num_cpus": 1}
+    assert actor_placement(0.0, sim) == actor_placement(0.0, gpu) == {"num_cpus": 0, "resources": {"sim": 1}}
+    assert actor_placement(0.25, sim) == {"num_cpus": 0, "resources": {"sim": 1}}  # no GPU: CPU, on a sim slot
     # a GPU share leaves the CPU-only sim nodes: the policy acts on the GPU node
     assert actor_placement(0.25, gpu) == {"num_cpus": 1, "num_gpus": 0.25}
 
