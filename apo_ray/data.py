@@ -463,7 +463,7 @@ def _dataset_hash(inputs: list[dict[str, Any]], config: dict[str, Any], referenc
 
 
 def _checkpoint_stats(ckpt: Path) -> dict[str, Any]:
-    from apo_ray.model import read_meta  # the reference stage needs the model anyway
+    from apo_ray.checkpoint import read_meta
 
     stats = read_meta(ckpt).get("action_stats")
     if not stats:
@@ -567,6 +567,10 @@ def build_dataset(episode_dirs: Iterable[str | os.PathLike[str]], demo_paths: It
     if not inputs:
         raise UserError("no episode files found", " ".join(map(str, [*episode_dirs, *demo_paths])) or "inputs",
                         "pass dirs that hold *.parquet episodes (apo-ray collect --out DIR writes DIR/episodes)")
+    image_shape = None  # Parquet footers, before Ray starts: a malformed file costs no cluster start
+    for i in inputs:
+        if i["role"] != "demos_hdf5":
+            image_shape = validate_schema(Path(i["path"]), image_shape)
     seen: dict[str, str] = {}
     for i in inputs:
         if i["path"] in seen:  # the same steps twice would double their weight in training
@@ -598,12 +602,13 @@ def build_dataset(episode_dirs: Iterable[str | os.PathLike[str]], demo_paths: It
     for stale in out_dir.parent.glob(f"{TMP_PREFIX}{out_dir.name}.*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(out_dir) as tmp, ray_session(address), _data_context():
-        manifest = _build(inputs, tmp, cfg, config, dhash, reference, vocab_size, t0, t_hashed)
+        manifest = _build(inputs, tmp, cfg, config, dhash, reference, vocab_size, image_shape, t0, t_hashed)
     return {**summary_of(manifest), "skipped": False, "dataset_hash": dhash}
 
 
 def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dict[str, Any], dhash: str,
-           reference: dict[str, Any] | None, vocab_size: int, t0: float, t_hashed: float) -> dict[str, Any]:
+           reference: dict[str, Any] | None, vocab_size: int, image_shape: tuple[int, ...] | None, t0: float,
+           t_hashed: float) -> dict[str, Any]:
     stages: dict[str, float] = {"hash": t_hashed - t0, "ray_start": time.perf_counter() - t_hashed}
     mark = time.perf_counter()
 
@@ -625,15 +630,14 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
                 pq.write_table(table, conv / f"demo_{n:05d}.parquet")
                 files.append(str(conv / f"demo_{n:05d}.parquet"))
                 expert.add(files[-1])
+                image_shape = validate_schema(Path(files[-1]), image_shape)
         else:
             files.append(i["path"])
             if i["role"] == "demos":
                 expert.add(i["path"])
-    image_shape = None
-    for f in files:
-        image_shape = validate_schema(Path(f), image_shape)
+    assert image_shape is not None
     if reference is not None:
-        from apo_ray.model import read_meta
+        from apo_ray.checkpoint import read_meta
 
         views, have = int(read_meta(reference["checkpoint"]).get("image_views", 1)), S.image_views(*image_shape[:2])
         if have != views:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from apo_ray import fsio
+from apo_ray.checkpoint import vocab_size
 from apo_ray.config import Config
 from apo_ray.errors import UserError
 from apo_ray.journal import Journal, run_lock, run_stage, set_progress
@@ -366,7 +367,7 @@ class Loop:
         dc = stage_data_config(self.cfg, st)
         with _Ticker(st.key, None, self.progress):
             summary = build_dataset(episode_dirs, demos, work, dc, ref_checkpoint=ref,
-                                    vocab_size=vocab_size(self.cfg, ref), address=self.address)
+                                    vocab_size=vocab_size(self.cfg.model, ref), address=self.address)
         manifest = json.loads((work / "manifest.json").read_text())
         return {**summary, "counts": manifest["counts"]}
 
@@ -459,19 +460,6 @@ class Loop:
         return {"run_dir": str(self.run_dir), "storage": self.storage.location, "stages": len(stages),
                 "ran": len(stages) - done_before, "seconds": round(time.monotonic() - t0, 1),
                 "report": str(report), "eval": {k: v["success_rate"] for k, v in evals.items()}}
-
-
-def vocab_size(cfg: Config, ref_checkpoint: str | None) -> int:
-    """The vocabulary the action tokens live in: from the reference checkpoint, else the model config."""
-    from apo_ray import model as M
-
-    if ref_checkpoint is not None:
-        return int(M.read_meta(ref_checkpoint)["action_offset"]) + M.N_BINS
-    if cfg.model.kind == "tiny":
-        return M.VOCAB_SIZE
-    from transformers import AutoTokenizer
-
-    return len(AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=True))
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> Iterator[str]:

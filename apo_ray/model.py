@@ -15,7 +15,6 @@ the tokenizer files, and ``apo_vla.json`` (kind, action statistics, token layout
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -46,20 +45,17 @@ from transformers import (  # noqa: E402
 )
 
 from apo_ray import actions, fsio  # noqa: E402
+from apo_ray.checkpoint import META_FILE, TEXT_VOCAB, VOCAB_SIZE, checkpoint_dir, read_meta  # noqa: E402,F401
 from apo_ray.config import ModelConfig  # noqa: E402
 from apo_ray.errors import UserError  # noqa: E402
 from apo_ray.schema import image_views  # noqa: E402
 
 ACTION_DIM = 7
-N_BINS = 256
+N_BINS = actions.N_BINS
 N_SCORED = ACTION_DIM + 1  # 7 action tokens + EOS
 PROMPT = "What action should the robot take to {instruction}?"
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
-TEXT_VOCAB = 256
-"""Text slots of the tiny tokenizer (specials + words, padded); the action tokens follow, so ids are stable."""
-VOCAB_SIZE = TEXT_VOCAB + N_BINS
-META_FILE = "apo_vla.json"
 # Words the tiny tokenizer always knows; instructions seen at build time are added. Others map to <unk>.
 BASE_WORDS = (
     "what action should the robot take to lift pick up place put push insert stack move open close grasp "
@@ -647,29 +643,6 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     finally:
         TinyVLAConfig._auto_class = TinyVLA._auto_class = None
     return out
-
-
-def checkpoint_dir(ckpt_dir: str | Path) -> Path:
-    """The dir holding apo_vla.json: ``ckpt_dir`` itself, or its ``checkpoint/`` (a training out dir)."""
-    d = Path(ckpt_dir)
-    return d / "checkpoint" if (d / "checkpoint" / META_FILE).is_file() else d
-
-
-def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
-    """A checkpoint's apo_vla.json (kind, action statistics, token layout, model config); UserError if missing or
-    corrupt. Cheap: the one reader of checkpoint metadata for stages that do not need the weights."""
-    d = checkpoint_dir(ckpt_dir)
-    meta_path = d / META_FILE
-    if not meta_path.is_file():
-        raise UserError(f"not a VLA checkpoint: {META_FILE} missing", str(d),
-                        "pass the checkpoint/ dir written by apo-ray train")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"corrupt {META_FILE}: {e}", str(meta_path), "retrain or restore the checkpoint") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"corrupt {META_FILE}: not a JSON object", str(meta_path), "retrain or restore the checkpoint")
-    return meta
 
 
 def check_checkpoint(ckpt_dir: str | Path) -> None:

@@ -163,7 +163,7 @@ def policy_views(spec: str) -> int:
     s = spec.strip()
     if is_scripted(s):
         return 1
-    from apo_ray.model import read_meta
+    from apo_ray.checkpoint import read_meta
 
     return int(read_meta(s).get("image_views", 1))
 

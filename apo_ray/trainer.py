@@ -153,13 +153,14 @@ def _fresh_or_resume(out_dir: Path, key: dict) -> None:
 
 def _check_vocab(info: dict, init_meta: dict | None, cfg: Config) -> None:
     """The dataset's action tokens must be the model's last 256 ids."""
-    from apo_ray import model as M
+    from apo_ray.actions import N_BINS
+    from apo_ray.checkpoint import VOCAB_SIZE
 
     want = (info["manifest"].get("config") or {}).get("vocab_size")
     if init_meta is None:
-        have = M.VOCAB_SIZE if cfg.model.kind == "tiny" else None
+        have = VOCAB_SIZE if cfg.model.kind == "tiny" else None
     else:
-        have = int(init_meta["action_offset"]) + M.N_BINS
+        have = int(init_meta["action_offset"]) + N_BINS
     if want is not None and have is not None and int(want) != have:
         raise UserError(f"the dataset's action tokens were made for vocab_size {want}, the model has {have}",
                         "manifest.json config.vocab_size", f"rebuild the dataset with --vocab-size {have}")
@@ -214,7 +215,7 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
                         str(data_dir), "collect with the corrector on (k>0), or use --objective bc/dagger")
     init_meta = None
     if init != "scratch":
-        from apo_ray.model import META_FILE, checkpoint_dir, read_meta
+        from apo_ray.checkpoint import META_FILE, checkpoint_dir, read_meta
 
         p = Path(init)
         if not (checkpoint_dir(p) / META_FILE).is_file():

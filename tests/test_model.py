@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from apo_ray import checkpoint as C
 from apo_ray import model as M
 from apo_ray.config import ModelConfig
 from apo_ray.errors import UserError
@@ -187,6 +190,10 @@ def test_hf_kind_loads_remote_code_with_lora(tiny, tmp_path):
     later = M.save_checkpoint(model, proc, tmp_path / "ck_after")  # a plain checkpoint again: no modeling code
     assert not (later / "model.py").exists() and "auto_map" not in json.loads((later / "config.json").read_text())
     hf_ck = M.save_checkpoint(*M.load_hf(dataclasses.replace(MC, kind="hf", path=str(src)), STATS), tmp_path / "hk")
+    # a dataset's token vocabulary without the weights: an HF VLA's tokenizer, a checkpoint's metadata (256 text
+    # slots + 256 action bins for the tiny layout both carry)
+    assert C.vocab_size(dataclasses.replace(MC, kind="hf", path=str(src)), None) == 512
+    assert C.checkpoint_vocab_size(hf_ck) == C.checkpoint_vocab_size(tmp_path / "ck") == C.vocab_size(MC, None) == 512
     with pytest.raises(UserError, match="only a tiny checkpoint exports"):
         M.export_hf(hf_ck, tmp_path / "again")
     pm, pp = M.build_model(dataclasses.replace(MC, use_proprio=True), STATS, 64, ["lift the cube"], seed=0)
@@ -215,6 +222,15 @@ def test_hf_kind_loads_remote_code_with_lora(tiny, tmp_path):
     torch.testing.assert_close(c, d, atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="no HF model"):
         M.build_model(dataclasses.replace(MC, kind="hf", path=str(tmp_path / "none")), STATS, 64)
+
+
+def test_driver_side_modules_load_without_torch():
+    """The dataset CLI, the loop's planning and checkpoint metadata run on the driver: importing torch or
+    transformers there would cost every such process seconds (a bad-input error included)."""
+    code = ("import sys, apo_ray.checkpoint, apo_ray.cli.dataset, apo_ray.data, apo_ray.loop; "
+            "print([m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_one_precision_rule_for_every_stage(monkeypatch):

@@ -20,24 +20,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, help="policy steps before each intervention relabelled c=0 (default: config)")
     p.add_argument("--config", help="YAML config; its `data` section sets ratios, filters, batch size, seed")
     p.add_argument("--vocab-size", type=int,
-                   help="model vocabulary size; action tokens are its last 256 ids (default: the config's model)")
+                   help="model vocabulary size; action tokens are its last 256 ids (default: the reference "
+                        "checkpoint's, else the config's model: the tiny VLA's or model.path's tokenizer)")
     p.add_argument("--ref-checkpoint", metavar="DIR",
                    help="frozen reference checkpoint: adds ref_logp* columns so training needs no reference pass")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.set_defaults(func=run)
-
-
-def _default_vocab_size(cfg, ref_checkpoint: str | None) -> int:
-    """The vocabulary the action tokens live in: the reference checkpoint's, else the tiny model's."""
-
-    from apo_ray import model as M
-    from apo_ray.cli import usage_error
-
-    if ref_checkpoint is not None:
-        return int(M.read_meta(ref_checkpoint)["action_offset"]) + M.N_BINS
-    if cfg.model.kind == "tiny":
-        return M.VOCAB_SIZE
-    raise usage_error("--vocab-size is required for model.kind=hf", "pass the VLA tokenizer's vocabulary size")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     from apo_ray import config as C
     from apo_ray import fsio
+    from apo_ray.checkpoint import vocab_size
     from apo_ray.cli import usage_error
     from apo_ray.data import build_dataset
 
@@ -57,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         if args.k < 0:
             raise usage_error(f"--k {args.k} is negative", "pass K >= 0")
         data_cfg = dataclasses.replace(data_cfg, k=args.k)
-    vocab = args.vocab_size or _default_vocab_size(cfg, args.ref_checkpoint)
+    vocab = args.vocab_size or vocab_size(cfg.model, args.ref_checkpoint)
     summary = build_dataset(args.episodes, args.demos, args.out, data_cfg, ref_checkpoint=args.ref_checkpoint,
                             vocab_size=vocab, address=args.address)
     keys = ("rows", "desirable", "undesirable", "pools", "dropped", "shards", "rows_per_s")
