@@ -65,8 +65,9 @@ def _start_embedded(ray, num_cpus: int | None, kwargs: dict) -> None:
 
     me = psutil.Process()
     # the embedded node plays a rollout node too: one simulator slot per core (cluster.yaml's `sim`), so rollout
-    # actors hold a slot rather than a CPU, and the ones a loop keeps idle leave the CPUs to datasets and training
-    cores = num_cpus or len(os.sched_getaffinity(0))
+    # actors hold a slot rather than a CPU, and the ones a loop keeps idle leave the CPUs to datasets and training.
+    # Ray's own count (cgroup quotas included), so the slots match the CPUs it offers.
+    cores = num_cpus or ray._private.utils.get_num_cpus()
     for attempt in range(1, EMBEDDED_START_TRIES + 1):
         before = {p.pid for p in me.children(recursive=True)}
         try:

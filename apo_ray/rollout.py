@@ -332,6 +332,12 @@ def actor_placement(gpus: float, cluster: dict[str, float]) -> dict[str, Any]:
     return {"num_cpus": 1}
 
 
+def actor_capacity(placement: dict[str, Any], cluster: dict[str, float]) -> int:
+    """How many actors with ``placement`` the cluster can hold at once (under an autoscaler, at its most)."""
+    need = {"CPU": placement.get("num_cpus", 0), "GPU": placement.get("num_gpus", 0), **placement.get("resources", {})}
+    return int(min((cluster.get(k, 0.0) // v for k, v in need.items() if v > 0), default=0))
+
+
 _pool: dict[str, list[Any]] | None = None
 """Idle rollout actors by placement, while :func:`keep_actors` is open; None: each call kills its own."""
 
@@ -370,7 +376,7 @@ def _run_parallel(task, scenario, policy, out, round_, corrector, image_size, ho
     from apo_ray.ray_utils import cluster_offers, ray_session
 
     with ray_session(address):
-        placement = actor_placement(gpus, cluster_offers())
+        placement = actor_placement(gpus, offers := cluster_offers())
         if gpus > 0 and "num_gpus" not in placement:
             print(f"[{label}] gpus_per_worker {gpus} but the cluster has no GPU: the policy runs on CPU",
                   file=sys.stderr)
@@ -378,7 +384,14 @@ def _run_parallel(task, scenario, policy, out, round_, corrector, image_size, ho
                             horizon=horizon, wrist=wrist, oracle_version=oracle_version)
         # GPU shares are never pooled: an idle actor's share would keep the trainer off that GPU
         pool_key = json.dumps(placement, sort_keys=True) if _pool is not None and "num_gpus" not in placement else None
-        n = min(workers, len(todo))
+        cap = actor_capacity(placement, offers)
+        if cap < 1:
+            raise UserError(f"the cluster cannot hold one rollout actor ({placement})", "collect/eval workers",
+                            "add a node with a CPU (and the GPU share asked for), or start Ray with more CPUs")
+        if workers > cap:  # the rest would wait for a slot forever: their first call blocks the stage
+            print(f"[{label}] {workers} workers but the cluster holds {cap} rollout actors at once: using {cap}",
+                  file=sys.stderr)
+        n = min(workers, len(todo), cap)
         actors = _pool.pop(pool_key, []) if pool_key is not None else []
         for a in actors[n:]:
             ray.kill(a)

@@ -14,7 +14,7 @@ import pytest
 
 from apo_ray import schema as S
 from apo_ray.config import CorrectorConfig
-from apo_ray.rollout import RolloutWorker, actor_placement, collect
+from apo_ray.rollout import RolloutWorker, actor_capacity, actor_placement, collect
 
 APO = [sys.executable, "-m", "apo_ray"]
 
@@ -52,9 +52,11 @@ def test_collect_oracle_writes_schema(ray_local, tmp_path):
 
 
 @pytest.mark.ray
-def test_same_seed_same_episode_across_actors_and_processes(ray_local, tmp_path):
+def test_same_seed_same_episode_across_actors_and_processes(ray_local, tmp_path, capsys):
     collect("lift", "nominal", "noisy-oracle:0.2", 1, 1, 7, tmp_path / "a", corrector=CorrectorConfig())
-    collect("lift", "nominal", "noisy-oracle:0.2", 3, 2, 5, tmp_path / "b", corrector=CorrectorConfig())
+    # 3 workers on 2 sim slots: the third actor would wait for a slot forever, so the stage runs 2
+    collect("lift", "nominal", "noisy-oracle:0.2", 3, 3, 5, tmp_path / "b", corrector=CorrectorConfig())
+    assert "3 workers but the cluster holds 2 rollout actors at once: using 2" in capsys.readouterr().err
     name = "lift-nominal-r0-s000007.parquet"
     a, b = _read(tmp_path / "a" / "episodes" / name), _read(tmp_path / "b" / "episodes" / name)
     # in-process, with a worker that ran another episode first
@@ -183,6 +185,11 @@ def test_actor_placement_takes_a_gpu_share_only_where_the_cluster_has_gpus():
     assert actor_placement(0.25, sim) == {"num_cpus": 0, "resources": {"sim": 1}}  # no GPU: CPU, on a sim slot
     # a GPU share leaves the CPU-only sim nodes: the policy acts on the GPU node
     assert actor_placement(0.25, gpu) == {"num_cpus": 1, "num_gpus": 0.25}
+    # how many fit at once: one per sim slot, per CPU, or per GPU share (CPU permitting)
+    assert actor_capacity(actor_placement(0.0, sim), sim) == 4 and actor_capacity(actor_placement(0.0, cpu), cpu) == 8
+    assert actor_capacity(actor_placement(0.25, gpu), gpu) == 4
+    assert actor_capacity(actor_placement(0.25, gpu), {"CPU": 2.0, "GPU": 1.0}) == 2
+    assert actor_capacity({"num_cpus": 1}, {"CPU": 0.5}) == 0
 
 
 @pytest.mark.ray
