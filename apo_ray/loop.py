@@ -437,7 +437,7 @@ class Loop:
         done_before = sum(journal.done(s.key) for s in stages)
         if done_before:
             self.log(f"resuming {self.storage.location}: {done_before}/{len(stages)} stages already complete")
-        from apo_ray.ray_utils import ray_session
+        from apo_ray.ray_utils import ray_session, under_autoscaler
         from apo_ray.rollout import keep_actors, release_actors
 
         if self.progress:  # Ray Data's per-dataset INFO lines would bury the stage lines
@@ -446,13 +446,16 @@ class Loop:
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         t0 = time.monotonic()
         with ray_session(self.address), keep_actors():
+            # idle actors on CPUs would starve a dataset build or a training; under an autoscaler any idle actor
+            # keeps its rollout node up through a training that may take hours
+            cpu_only = not under_autoscaler()
             rnd = 0
             for st in stages:
                 if st.round != rnd:
                     self.write_report()
                     rnd = st.round
                 if st.kind not in ("collect", "eval") and not journal.done(st.key):
-                    release_actors(cpu_only=True)  # idle actors on CPUs would starve a dataset build or a training
+                    release_actors(cpu_only=cpu_only)
                 self.run_stage(journal, st)
         report = self.write_report()
         set_progress(self.run_dir, None, finished=True)

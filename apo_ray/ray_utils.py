@@ -91,6 +91,16 @@ AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
 there (``APO_RAY_AUTOSCALER_CONFIG`` overrides it)."""
 
 
+def autoscaler_config_path() -> str:
+    return os.path.expanduser(os.environ.get("APO_RAY_AUTOSCALER_CONFIG", AUTOSCALER_CONFIG))
+
+
+def under_autoscaler() -> bool:
+    """True on a head that ``ray up`` started: its autoscaler removes a node only while no actor holds any of
+    its resources."""
+    return os.path.isfile(autoscaler_config_path())
+
+
 def offered_resources(current: dict[str, float], autoscaler: dict | None) -> dict[str, float]:
     """The most of each resource the cluster can hold: what it has now, or, under an autoscaler, the head's plus
     every worker type at its ``max_workers``. A GPU node type at ``min_workers: 0`` is absent from
@@ -114,7 +124,7 @@ def cluster_offers() -> dict[str, float]:
     import ray
     import yaml
 
-    path = os.path.expanduser(os.environ.get("APO_RAY_AUTOSCALER_CONFIG", AUTOSCALER_CONFIG))
+    path = autoscaler_config_path()
     try:
         with open(path) as f:
             autoscaler = yaml.safe_load(f)

@@ -85,13 +85,14 @@ def test_placement_scales_out_the_node_types(cluster: dict) -> None:
 @pytest.mark.ray
 def test_cluster_offers_reads_the_autoscaler_config(ray_local, tmp_path, monkeypatch) -> None:
     from apo_ray.errors import UserError
-    from apo_ray.ray_utils import cluster_offers
+    from apo_ray.ray_utils import cluster_offers, under_autoscaler
 
     now = {k: v for k, v in ray_local.cluster_resources().items() if v > 0}
     monkeypatch.setenv("APO_RAY_AUTOSCALER_CONFIG", str(tmp_path / "none.yaml"))
-    assert cluster_offers() == now  # no autoscaler: only what is up
+    assert cluster_offers() == now and not under_autoscaler()  # no autoscaler: only what is up
     monkeypatch.setenv("APO_RAY_AUTOSCALER_CONFIG", str(ROOT / "cluster.yaml"))
     offered = cluster_offers()
+    assert under_autoscaler()  # the loop then lets no idle rollout actor keep a node up
     assert (offered["GPU"], offered["trainer"]) == (max(2.0, now.get("GPU", 0.0)), 2.0)
     (tmp_path / "bad.yaml").write_text("available_node_types: [unclosed\n")
     monkeypatch.setenv("APO_RAY_AUTOSCALER_CONFIG", str(tmp_path / "bad.yaml"))
