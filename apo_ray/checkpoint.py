@@ -44,9 +44,13 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+def meta_vocab_size(meta: dict[str, Any]) -> int:
+    """The vocabulary a checkpoint's action tokens live in (they are its last ``N_BINS`` ids), from its metadata."""
+    return int(meta["action_offset"]) + N_BINS
+
+
 def checkpoint_vocab_size(ckpt_dir: str | Path) -> int:
-    """The vocabulary a checkpoint's action tokens live in (they are its last ``N_BINS`` ids)."""
-    return int(read_meta(ckpt_dir)["action_offset"]) + N_BINS
+    return meta_vocab_size(read_meta(ckpt_dir))
 
 
 def vocab_size(model: ModelConfig, ref_checkpoint: str | None) -> int:

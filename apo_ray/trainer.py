@@ -153,14 +153,13 @@ def _fresh_or_resume(out_dir: Path, key: dict) -> None:
 
 def _check_vocab(info: dict, init_meta: dict | None, cfg: Config) -> None:
     """The dataset's action tokens must be the model's last 256 ids."""
-    from apo_ray.actions import N_BINS
-    from apo_ray.checkpoint import VOCAB_SIZE
+    from apo_ray.checkpoint import VOCAB_SIZE, meta_vocab_size
 
     want = (info["manifest"].get("config") or {}).get("vocab_size")
     if init_meta is None:
         have = VOCAB_SIZE if cfg.model.kind == "tiny" else None
     else:
-        have = int(init_meta["action_offset"]) + N_BINS
+        have = meta_vocab_size(init_meta)
     if want is not None and have is not None and int(want) != have:
         raise UserError(f"the dataset's action tokens were made for vocab_size {want}, the model has {have}",
                         "manifest.json config.vocab_size", f"rebuild the dataset with --vocab-size {have}")
