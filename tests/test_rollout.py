@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,16 @@ def test_a_pooled_actor_serves_the_next_stage_with_the_same_bytes(ray_local, tmp
         R._pool['{"num_cpus": 1}'] = [held]
         R.release_actors(cpu_only=True)
         assert list(R._pool) == [key]
-        with pytest.raises(ray_local.exceptions.RayActorError):
-            ray_local.get(held.ping.remote())
+        # ray.kill is asynchronous: a call sent right after it may still be served, so wait for the death
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                ray_local.get(held.ping.remote(), timeout=10)
+            except ray_local.exceptions.RayActorError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("release_actors(cpu_only=True) left the CPU-holding actor alive")
         R.release_actors()
         assert R._pool == {}
     assert R._pool is None
