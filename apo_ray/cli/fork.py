@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "Stage dirs are hard-linked. Then run `apo-ray loop` with the same --config, "
                                    "--run-dir and overrides.")
     p.add_argument("--from", dest="src", required=True, metavar="RUN_DIR", help="the run dir to fork")
-    p.add_argument("--config", required=True, help="YAML file of overrides, e.g. configs/paper_lift_wrist.yaml")
+    p.add_argument("--config", required=True, help="YAML file of overrides, e.g. configs/lift.yaml")
     p.add_argument("--run-dir", required=True, help="the new run dir (must not exist or be empty)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=5")
     p.set_defaults(func=run)
