@@ -26,9 +26,10 @@ APO_RAY = [sys.executable, "-m", "apo_ray"]
 E2E_OVERRIDES = ["loop.rounds=1"]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "docs" / "experiments").glob("*.yaml")),
+                         ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_plans(path: Path) -> None:
-    """A config the README or a script names must load, pass the loop's checks and plan round 0 first."""
+    """A config the README, a study or a script names must load, pass the loop's checks and plan round 0 first."""
     cfg = config.load(path)
     check_config(cfg)
     keys = [s.key for s in plan(cfg)]
