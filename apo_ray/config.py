@@ -19,10 +19,37 @@ import yaml
 
 from apo_ray.errors import UserError
 
+OBJECTIVES = ("apo", "kto", "dagger", "sirius", "dpo", "bc")
+"""The training objectives (apo_ray.loss.OBJECTIVES, kept here so loading a config needs no torch)."""
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.kind": ("tiny", "hf"),
+    "model.vision": ("resnet", "convnext", "conv", "vit"),
+    "data.demo_label": ("action", "oracle"),
+    "train.objective": OBJECTIVES,
+    "train.lambda_norm": ("subset_sum", "subset_mean", "batch"),
+    "train.reduction": ("sum", "mean"),
+    "train.undesirable_tokens": ("all", "differ"),
+    "train.reference": ("auto", "cached", "live"),
+    "train.zero_stage": (0, 1, 2, 3),
+    "loop.base_objective": OBJECTIVES,
+}
+"""Keys whose value is one of a fixed set: checked when the config loads, so a typo fails there and not in a
+Ray worker an hour later."""
+REMOVED: dict[str, str] = {
+    "collect.policy": "apo-ray collect takes --policy; the loop deploys its own policies",
+    "collect.episodes": "apo-ray collect takes --episodes; the loop uses loop.demos and loop.rollouts_per_round",
+    "collect.round": "apo-ray collect takes --round; the loop numbers its rounds itself",
+    "collect.envs_per_worker": "each rollout actor steps one env",
+    "env.camera": "observations always carry camera images",
+}
+"""Keys that were read by nothing and are gone, with what to use instead. A user's config naming one is refused
+with this line; a run dir's saved config.json drops them (they never changed an output)."""
+
 
 @dataclass(frozen=True)
 class EnvConfig:
     task: str = "lift"
+    """Task name (``apo-ray tasks`` lists them)."""
     scenario: str = "nominal"
     """A scenario name or a composition like ``position+texture``."""
     image_size: int = 64
@@ -31,7 +58,6 @@ class EnvConfig:
     """Add the eye-in-hand camera: images become agentview and wrist side by side, (S, 2S, 3)."""
     horizon: int = 0
     """Max control steps per episode; 0 = the task's default."""
-    camera: bool = True
     cheap_render: bool = True
     """Drop reflections/shadows/MSAA and size the offscreen buffer to the image (3x faster on CPU)."""
 
@@ -39,6 +65,7 @@ class EnvConfig:
 @dataclass(frozen=True)
 class CorrectorConfig:
     enabled: bool = True
+    """Let the scripted corrector take over from a deviating policy (false: the policy acts alone)."""
     deviation_threshold: float = 0.6
     """Mean |a_policy - a_oracle| over the 3 translation dims that counts as deviating."""
     deviation_steps: int = 6
@@ -52,20 +79,19 @@ class CorrectorConfig:
     min_control_steps: int = 8
     """Shortest takeover before control may be handed back."""
     max_interventions: int = 8
+    """Most takeovers in one episode."""
     finish_after: int = 3
     """The corrector keeps control to the end from this takeover of an episode on (0 = always hand back)."""
 
 
 @dataclass(frozen=True)
 class CollectConfig:
-    policy: str = "oracle"
-    """``oracle``, ``random``, ``noisy-oracle:<p>``, ``dart-oracle:<sigma>`` or a checkpoint dir of a trained VLA."""
-    episodes: int = 8
     workers: int = 2
+    """Parallel rollout actors of the loop's collect stages."""
     seed: int = 0
+    """First seed of the loop's demos; deployment seeds follow from round and scenario (docs/LOOP.md)."""
     videos: int = 0
-    round: int = 0
-    envs_per_worker: int = 1
+    """MP4s of the first N episodes of each deployment stage."""
     gpus_per_worker: float = 0.0
     """GPU share of each rollout actor, for the policy's forward pass in bf16 (0.25: four actors per GPU); 0 =
     CPU. Used where the cluster has GPUs or its autoscaler can add them; elsewhere the actors run the policy on
@@ -83,15 +109,20 @@ class DataConfig:
     ratios: tuple[float, float, float] = (0.5, 0.25, 0.25)
     """Per-batch share of the correct / interaction / incorrect pools."""
     max_abs_action: float = 1.0
+    """Steps with any |action| above this are dropped as out of range."""
     idle_threshold: float = 0.05
     """Steps with sum(|a[:6]|) below this are dropped as near-idle."""
     batch_size: int = 8
+    """Samples per micro-batch (one training-set row)."""
     demo_label: str = "action"
     """What expert demos train on: ``action`` (the executed action) or ``oracle`` (the clean oracle action recorded
     beside it, for demos collected with ``dart-oracle:<sigma>``)."""
     n_bins: int = 256
+    """Action tokens per dimension (the last ``n_bins`` ids of the vocabulary)."""
     seed: int = 0
+    """Seed of the shuffle and the pool sampling."""
     rows_per_shard: int = 4096
+    """Training-set rows per Parquet shard."""
 
 
 @dataclass(frozen=True)
@@ -101,13 +132,18 @@ class ModelConfig:
     path: str = ""
     """For ``hf``: local directory of the pretrained VLA (``trust_remote_code``)."""
     hidden_size: int = 128
+    """Tiny kind: width of the language model."""
     num_layers: int = 4
+    """Tiny kind: transformer layers."""
     num_heads: int = 4
+    """Tiny kind: attention heads."""
     vision: str = "resnet"
     """Tiny kind's vision model: ``resnet``, ``convnext`` (transformers models), ``conv`` (a plain stride-2 conv
     stem like the probe that learned Lift) or ``vit``."""
     vision_hidden_size: int = 64
+    """Tiny kind: width of the vision model."""
     vision_layers: int = 2
+    """Tiny kind: depth of the vision model."""
     patch_size: int = 16
     """Image pixels per image token side: 64 px / 16 = 4x4 = 16 image tokens."""
     use_proprio: bool = False
@@ -115,7 +151,9 @@ class ModelConfig:
     coord_channels: bool = False
     """Tiny kind: append the pixel coordinates as 2 input channels (CoordConv) for finer localisation."""
     lora_r: int = 0
+    """LoRA rank (0 = train every weight); ``hf`` kind trains rank-r adapters on a frozen base."""
     lora_alpha: int = 16
+    """LoRA scale numerator (scale = alpha / r)."""
 
 
 @dataclass(frozen=True)
@@ -123,30 +161,45 @@ class TrainConfig:
     objective: str = "apo"
     """``apo``, ``kto``, ``dagger``, ``sirius``, ``dpo`` or ``bc``."""
     lr: float = 1e-4
+    """Peak learning rate (AdamW, linear warmup)."""
     epochs: int = 1
+    """Passes over the training set."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step. A micro-batch is one dataset row, so its size is ``data.batch_size``."""
     workers: int = 1
+    """Ray Train workers (data-parallel ranks)."""
     zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     warmup_steps: int = 10
+    """Linear learning-rate warmup steps."""
     grad_clip: float = 1.0
+    """Gradient-norm clip."""
     seed: int = 1
+    """Seed of the weights (from scratch) and the data order."""
     beta: float = 0.1
+    """APO/KTO/DPO temperature of the log-ratio rewards."""
     kl_clamp: float = 5.0
+    """Bound of the KL reference-point estimate."""
     kl_nonneg: bool = False
     """Clamp the KL estimate to [0, kl_clamp] (TRL's KTO) instead of the paper code's [-kl_clamp, kl_clamp]."""
     desirable_weight: float = 1.0
+    """KTO/APO weight of the desirable loss term."""
     undesirable_weight: float = 1.0
+    """KTO/APO weight of the undesirable loss term."""
     reweight: bool = True
+    """APO's adaptive per-sample weights lambda (false = KTO)."""
     beta_d: float = 1.0
+    """APO: temperature of the desirable samples' lambda."""
     beta_u: float = 1.0
+    """APO: temperature of the undesirable samples' lambda."""
     lambda_norm: str = "subset_sum"
     """``subset_sum`` (the paper's code), ``subset_mean`` (batch-size invariant) or ``batch`` (the paper's text)."""
     reduction: str = "sum"
     """``sum`` (the paper's code) or ``mean``."""
     kl_allreduce: bool = False
+    """Average the KL estimate over the workers (default: each worker's own, as the paper's code)."""
     bc_weight: float = 0.0
     """Extra NLL on desirable samples (the paper's unused ``bc_weight`` knob)."""
     undesirable_tokens: str = "all"
@@ -158,8 +211,11 @@ class TrainConfig:
     """APO/KTO: stop pushing an undesirable sample once its reward r_U is this many nats below the reference
     (clamped inside L_U); 0 = off, the paper. docs/FINDINGS.md §15."""
     checkpoint_every: int = 50
+    """Optimizer steps between Ray Train checkpoints (a killed training resumes from the last)."""
     sirius_intervention_weight: float = 2.0
+    """Sirius: weight of corrector steps."""
     sirius_preintervention_weight: float = 0.0
+    """Sirius: weight of the policy steps before an intervention."""
     reference: str = "auto"
     """``auto`` (cached ref log-prob columns when the dataset has them, else a live replica), ``cached``, ``live``."""
     cpus_per_worker: float = 0.5
@@ -169,7 +225,9 @@ class TrainConfig:
     use_gpu: bool = True
     """Use CUDA (bf16) when the cluster has GPUs."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     log_every: int = 1
+    """Optimizer steps between metric records."""
     max_failures: int = 1
     """Worker-group restarts (from the last checkpoint) before the run fails."""
     mlflow_uri: str = ""
@@ -179,10 +237,13 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     episodes: int = 50
+    """Held-out episodes per evaluation cell."""
     seed: int = 100_000
     """First seed of the held-out evaluation list; never overlaps collection seeds."""
     workers: int = 2
+    """Parallel evaluation actors."""
     videos: int = 0
+    """MP4s of the first N episodes of each evaluation stage."""
     gpus_per_worker: float = 0.0
     """GPU share of each evaluation actor (as ``collect.gpus_per_worker``)."""
 
@@ -190,10 +251,15 @@ class EvalConfig:
 @dataclass(frozen=True)
 class LoopConfig:
     rounds: int = 2
+    """Refinement rounds after the round-0 base policy."""
     demos: int = 50
+    """Expert demos of round 0."""
     rollouts_per_round: int = 20
+    """Deployment episodes per arm, scenario and round."""
     arms: tuple[str, ...] = ("apo",)
+    """Objectives compared, one policy lineage each: apo, kto, dagger, sirius, dpo."""
     scenarios: tuple[str, ...] = ("position",)
+    """Disruption scenarios deployed in and evaluated on (the original scenario is evaluated too)."""
     share_round1: bool = False
     """Deploy pi0 once in round 1 and give every arm the same round-1 data (a cheaper comparison)."""
     base_objective: str = "bc"
@@ -213,6 +279,9 @@ class LoopConfig:
     which teach the policy to stall there (docs/FINDINGS.md §8)."""
     storage: str = ""
     """Run-dir storage URI (local path or ``s3://``); empty = the ``--run-dir`` given on the CLI."""
+    base_policy: str = ""
+    """A trained pi0 checkpoint dir (e.g. ``assets/pi0_lift``): round 0 copies it in instead of training BC on
+    the demos (which it still collects: later rounds' datasets hold them). Empty = train pi0."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +299,15 @@ class Config:
         return _to_plain(dataclasses.asdict(self))
 
     def validate(self) -> Config:
+        for key, allowed in CHOICES.items():
+            sec, name = key.split(".")
+            value = getattr(getattr(self, sec), name)
+            if value not in allowed:
+                close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+                names = [str(a) for a in allowed]
+                fix = (f"did you mean '{close[0]}'? " if close else "") + \
+                    f"use {', '.join(names[:-1])} or {names[-1]}"
+                raise UserError(f"unknown {key} '{value}'", f"config {key}", fix)
         r = self.data.ratios
         if len(r) != 3 or any(x < 0 for x in r) or abs(sum(r) - 1.0) > 1e-6:
             raise UserError(f"data.ratios must be 3 non-negative shares summing to 1, got {list(r)} "
@@ -240,12 +318,6 @@ class Config:
         for name in ("k", "batch_size", "rows_per_shard"):
             if getattr(self.data, name) < (0 if name == "k" else 1):
                 raise UserError(f"data.{name} must be positive", f"config data.{name}", "set a positive integer")
-        if self.data.demo_label not in ("action", "oracle"):
-            raise UserError(f"unknown data.demo_label '{self.data.demo_label}'", "config data.demo_label",
-                            "use action or oracle")
-        if self.train.undesirable_tokens not in ("all", "differ"):
-            raise UserError(f"unknown train.undesirable_tokens '{self.train.undesirable_tokens}'",
-                            "config train.undesirable_tokens", "use all or differ")
         if self.train.undesirable_floor < 0:
             raise UserError("train.undesirable_floor must be >= 0", "config train.undesirable_floor",
                             "use 0 (off) or the nats below the reference at which the push stops, e.g. 14")
@@ -316,6 +388,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
+        if f"{prefix}{key}" in REMOVED:
+            raise UserError(f"config key '{prefix}{key}' was removed: {REMOVED[prefix + key]}",
+                            f"config key {prefix}{key}", "delete it from the config")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
@@ -331,8 +406,50 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw)
 
 
+def drop_removed(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict without the keys in REMOVED (a run dir written before they went)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for key in REMOVED:
+        sec, name = key.split(".")
+        if isinstance(out.get(sec), dict):
+            out[sec].pop(name, None)
+    return out
+
+
 def from_dict(data: dict[str, Any]) -> Config:
-    return _build(Config, data).validate()
+    """A config from a saved dict (``to_dict`` of a run dir or a stage); keys since removed are dropped."""
+    return _build(Config, drop_removed(data)).validate()
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), from the source."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, doc) for every key, in declaration order: ``apo-ray config --keys``."""
+    default = Config().to_dict()
+    out = []
+    for sec in dataclasses.fields(Config):
+        cls = sec.default_factory  # type: ignore[misc]
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{sec.name}.{f.name}"
+            doc = docs.get(f.name, "")
+            if key in CHOICES and "``" not in doc:
+                doc = (doc + " " if doc else "") + "One of: " + ", ".join(map(str, CHOICES[key])) + "."
+            out.append((key, default[sec.name][f.name], doc))
+    return out
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -361,4 +478,4 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             if not isinstance(node, dict):
                 raise UserError(f"override '{item}' descends into a non-mapping", "command line", "check the key path")
         node[keys[-1]] = value
-    return from_dict(data)
+    return _build(Config, data).validate()

@@ -482,7 +482,9 @@ def _with_defaults(saved: Any, defaults: Any) -> Any:
 def saved_config_dict(run_dir: Path) -> dict[str, Any]:
     """The config a run dir was started with. A run saved before a config key existed ran with that key's
     default (or its LEGACY_VALUES entry)."""
-    return _with_defaults(json.loads((run_dir / CONFIG_FILE).read_text()),
+    from apo_ray.config import drop_removed
+
+    return _with_defaults(drop_removed(json.loads((run_dir / CONFIG_FILE).read_text())),
                           _with_defaults(LEGACY_VALUES, Config().to_dict()))
 
 
