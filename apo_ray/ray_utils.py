@@ -1,7 +1,8 @@
 """Starting or joining Ray the same way everywhere.
 
-Without an address we start an embedded local Ray (``address="local"``) so that a stray RAY_ADDRESS
-never hijacks a laptop run; with one we join that cluster. The dashboard binds 127.0.0.1 only.
+An ``--address`` joins that cluster; without one, ``RAY_ADDRESS`` does, as it does for every Ray program (and as
+``ray job submit`` sets it for its drivers); with neither we start an embedded local Ray (``address="local"``),
+which offers the ``sim`` slots the loop's rollout actors ask for. The dashboard binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def worker_env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
-    """Use the running Ray if any; else start one (embedded, or joining ``address``) and stop it after."""
+    """Use the running Ray if any; else join ``address`` (default ``RAY_ADDRESS``) or, with neither, start an
+    embedded one; stop it after."""
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     import ray
@@ -41,6 +43,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         return
     kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": False,
                     "configure_logging": True, "logging_level": "ERROR"}
+    address = join_address(address)
     if address:
         # Inside `ray job submit` the job's runtime env and ours both set env_vars (MUJOCO_GL, ...): without
         # this Ray refuses to merge them ("Failed to merge the Job's runtime env"). Ours is built from this
@@ -53,6 +56,19 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
     finally:
         ray.shutdown()
+
+
+def join_address(address: str | None) -> str | None:
+    """The cluster to join: ``address``, else ``RAY_ADDRESS``; None (or ``local``) starts an embedded Ray."""
+    address = address or os.environ.get("RAY_ADDRESS", "").strip() or None
+    if address and address.startswith(("http://", "https://")):
+        from apo_ray.errors import UserError
+
+        # the job server's address (``ray job submit``'s) is not one a driver can join
+        raise UserError(f"Ray address {address} is a job server, not a cluster to join",
+                        "--address / RAY_ADDRESS", "pass the GCS address (HOST:6379, or auto on a node of the "
+                        "cluster), or submit the command with `ray job submit`")
+    return None if address == "local" else address
 
 
 EMBEDDED_START_TRIES = 3

@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="YAML file of overrides, e.g. configs/smoke.yaml")
     p.add_argument("--run-dir", help="local dir or s3:// URI (default: loop.storage from the config)")
     p.add_argument("--resume", action="store_true", help="require an existing run to continue")
-    p.add_argument("--address", help="Ray cluster address (default: the job's cluster, else embedded Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, as `ray job submit` sets "
+                                     "it, else an embedded Ray)")
     p.add_argument("--no-progress", action="store_true", help="no live progress lines")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. loop.rounds=3")
     p.set_defaults(func=run)

@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage (train.zero_stage)")
     p.add_argument("--epochs", type=int, help="passes over the training set (train.epochs)")
     p.add_argument("--config", help="YAML config (overrides of the defaults)")
-    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=3e-4 model.use_proprio=true")
     p.set_defaults(func=run)
 
