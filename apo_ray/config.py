@@ -452,8 +452,10 @@ def describe_keys() -> list[tuple[str, Any, str]]:
     return out
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- ``a.b=c`` overrides, validated."""
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+         sections: tuple[str, ...] | None = None, command: str = "this command") -> Config:
+    """Defaults <- YAML file <- ``a.b=c`` overrides, validated. With ``sections`` (the ones a command reads), a key
+    of any other section is refused rather than silently ignored."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -478,4 +480,13 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             if not isinstance(node, dict):
                 raise UserError(f"override '{item}' descends into a non-mapping", "command line", "check the key path")
         node[keys[-1]] = value
-    return _build(Config, data).validate()
+    cfg = _build(Config, data).validate()
+    if sections is not None:
+        given = [(str(k), str(path)) for k in (loaded if path is not None else {})]
+        given += [(item.split("=", 1)[0].strip().split(".")[0], "command line") for item in overrides]
+        for sec, where in given:
+            if sec not in sections:
+                reads = " and ".join(sections)
+                raise UserError(f"{command} does not read the config's {sec} section", where,
+                                f"drop the {sec} keys; it reads only {reads} (apo-ray loop reads every section)")
+    return cfg

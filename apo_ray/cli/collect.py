@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from apo_ray.cli import add_config_args
 from envs.oracle import VERSIONS
 
 
@@ -16,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenario", default="nominal", help="scenario or composition, e.g. position+texture")
     p.add_argument("--policy", default="oracle",
                    help="oracle | random | noisy-oracle:<p> | dart-oracle:<sigma> | a trained checkpoint directory")
-    p.add_argument("--episodes", type=int, default=8)
+    p.add_argument("--episodes", type=int, default=8, help="episodes to run")
     p.add_argument("--workers", type=int, default=2, help="parallel rollout actors")
     p.add_argument("--seed", type=int, default=0, help="episode i uses seed + i")
     p.add_argument("--round", type=int, default=0, dest="round_", help="round number recorded in every row")
@@ -29,27 +30,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oracle-version", type=int, choices=VERSIONS, default=None,
                    help="scripted oracle revision for demos, corrections and labels (default: the current, 2)")
     p.add_argument("--no-corrector", action="store_true", help="let the policy act alone (c=1 everywhere)")
-    p.add_argument("--config", help="YAML config whose `corrector` section tunes the triggers")
     p.add_argument("--resume", action="store_true", help="keep episodes already in OUT, run the missing ones")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPU share of each actor for a checkpoint policy, run in bf16 (e.g. 0.25); 0 = CPU")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    add_config_args(p, ("corrector",))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from apo_ray import config as C
     from apo_ray import fsio
-    from apo_ray.cli import usage_error
+    from apo_ray.cli import load_config, usage_error
     from apo_ray.rollout import collect
 
     fsio.refuse_source_tree(args.out, "--out")
     if not 64 <= args.image_size <= 224:
         raise usage_error(f"--image-size {args.image_size} out of range", "use 64..224")
-    if args.no_corrector and args.config:
+    if args.no_corrector and (args.config or args.overrides):
         raise usage_error("--no-corrector conflicts with --config (which configures the corrector)",
                           "drop one of them, or set corrector.enabled=false in the config")
-    cfg = C.load(args.config) if args.config else C.Config()
+    cfg = load_config(args, "collect")
     corrector = None if args.no_corrector else cfg.corrector
     summary = collect(args.task, args.scenario, args.policy, args.episodes, args.workers, args.seed, args.out,
                       round_=args.round_, corrector=corrector, image_size=args.image_size,

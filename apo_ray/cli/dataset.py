@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+
+from apo_ray.cli import add_config_args
+
+OVERRIDE_RE = re.compile(r"^[a-z_]+\.[a-z_]+=")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,29 +23,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="expert demonstrations: episode dirs or robomimic .hdf5 files")
     p.add_argument("--out", required=True, metavar="DIR", help="dataset dir (replaced atomically)")
     p.add_argument("--k", type=int, help="policy steps before each intervention relabelled c=0 (default: config)")
-    p.add_argument("--config", help="YAML config; its `data` section sets ratios, filters, batch size, seed")
     p.add_argument("--vocab-size", type=int,
                    help="model vocabulary size; action tokens are its last 256 ids (default: the reference "
                         "checkpoint's, else the config's model: the tiny VLA's or model.path's tokenizer)")
     p.add_argument("--ref-checkpoint", metavar="DIR",
                    help="frozen reference checkpoint: adds ref_logp* columns so training needs no reference pass")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    add_config_args(p, ("data", "model"))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from apo_ray import config as C
     from apo_ray import fsio
     from apo_ray.checkpoint import vocab_size
-    from apo_ray.cli import usage_error
+    from apo_ray.cli import load_config, usage_error
     from apo_ray.data import build_dataset
 
     fsio.refuse_source_tree(args.out, "--out")
     if not args.episodes and not args.demos:
         raise usage_error("no inputs", "pass --episodes DIR and/or --demos DIR")
-    cfg = C.load(args.config) if args.config else C.Config()
+    # `--episodes A B data.k=3`: nargs="+" swallows the trailing overrides; a dir is never named like a key=value
+    for name in ("episodes", "demos"):
+        items = getattr(args, name)
+        args.overrides = [*(i for i in items if OVERRIDE_RE.match(i)), *args.overrides]
+        setattr(args, name, [i for i in items if not OVERRIDE_RE.match(i)])
+    cfg = load_config(args, "dataset")
     data_cfg = cfg.data
     if args.k is not None:
         if args.k < 0:

@@ -11,18 +11,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Roll a policy out with no corrector on seeds S..S+N-1 and print "
                                    '{"success_rate","ci95":[lo,hi],"episodes",...} as the last stdout line.')
     p.add_argument("--policy", required=True, help="checkpoint directory, or oracle | random | noisy-oracle:<p> | dart-oracle:<sigma>")
-    p.add_argument("--task", required=True)
-    p.add_argument("--scenario", default="nominal")
-    p.add_argument("--episodes", type=int, default=50)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--task", required=True, help="task name (see `apo-ray tasks`)")
+    p.add_argument("--scenario", default="nominal", help="scenario or composition, e.g. position+texture")
+    p.add_argument("--episodes", type=int, default=50, help="episodes, on seeds --seed .. --seed + N - 1")
+    p.add_argument("--workers", type=int, default=2, help="parallel rollout actors")
     p.add_argument("--seed", type=int, default=100_000, help="first evaluation seed (held out from collection)")
-    p.add_argument("--videos", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--videos", type=int, default=0, help="write MP4s of the first N episodes")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="agentview RGB size (64..224); a checkpoint policy must have been trained on it")
     p.add_argument("--wrist", action="store_true",
                    help="add the eye-in-hand view beside agentview (on by itself for a checkpoint trained with it)")
-    p.add_argument("--horizon", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--horizon", type=int, default=0, help="max steps per episode (0 = task default)")
+    p.add_argument("--out", required=True, help="output directory: episodes/, eval.json (new or empty unless --resume)")
+    p.add_argument("--resume", action="store_true", help="keep episodes already in OUT, run the missing ones")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPU share of each actor for a checkpoint policy, run in bf16 (e.g. 0.25); 0 = CPU")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")

@@ -11,7 +11,7 @@ import time
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="show the round, stage and last metrics of a loop run",
                        description="Read RUN_DIR's journal (never modifies it) and print progress.")
-    p.add_argument("--run-dir", required=True)
+    p.add_argument("--run-dir", required=True, help="the run dir (or s3:// URI) given to apo-ray loop")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run)
 

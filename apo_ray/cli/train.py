@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from apo_ray.cli import add_config_args
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the VLA (apo, kto, dagger, sirius, dpo, bc) with Ray Train + DeepSpeed",
@@ -12,14 +14,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "OUT/tb/; prints the final metrics as JSON on the last stdout line.")
     p.add_argument("--data", required=True, help="training-set dir written by apo-ray dataset")
     p.add_argument("--init", required=True, help="checkpoint dir to start from, or 'scratch'")
-    p.add_argument("--objective", choices=("apo", "kto", "dagger", "sirius", "dpo", "bc"))
+    p.add_argument("--objective", choices=("apo", "kto", "dagger", "sirius", "dpo", "bc"),
+                   help="training objective (train.objective; default: the config's, apo)")
     p.add_argument("--out", required=True, help="output dir")
     p.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage (train.zero_stage)")
     p.add_argument("--epochs", type=int, help="passes over the training set (train.epochs)")
-    p.add_argument("--config", help="YAML config (overrides of the defaults)")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=3e-4 model.use_proprio=true")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    add_config_args(p, ("train", "model"))
     p.set_defaults(func=run)
 
 
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
             raise usage_error(f"{flag} {v} conflicts with the override train.{k}={given[f'train.{k}']}",
                               "give the value once, either as the flag or as the override")
     overrides = list(args.overrides) + [f"train.{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = C.load(args.config, overrides)
+    cfg = C.load(args.config, overrides, sections=args.config_sections, command="apo-ray train")
     if cfg.train.workers < 1:
         raise usage_error("--workers must be at least 1")
     if cfg.train.epochs < 1 and not cfg.train.max_steps:
