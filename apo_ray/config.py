@@ -27,6 +27,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.demo_label": ("action", "oracle"),
     "train.objective": OBJECTIVES,
     "train.lambda_norm": ("subset_sum", "subset_mean", "batch"),
+    "train.weight_norm": ("none", "batch"),
     "train.reduction": ("sum", "mean"),
     "train.undesirable_tokens": ("all", "differ"),
     "train.reference": ("auto", "cached", "live"),
@@ -39,7 +40,6 @@ REMOVED: dict[str, str] = {
     "collect.policy": "apo-ray collect takes --policy; the loop deploys its own policies",
     "collect.episodes": "apo-ray collect takes --episodes; the loop uses loop.demos and loop.rollouts_per_round",
     "collect.round": "apo-ray collect takes --round; the loop numbers its rounds itself",
-    "collect.envs_per_worker": "each rollout actor steps one env",
     "env.camera": "observations always carry camera images",
 }
 """Keys that were read by nothing and are gone, with what to use instead. A user's config naming one is refused
@@ -92,10 +92,15 @@ class CollectConfig:
     """First seed of the loop's demos; deployment seeds follow from round and scenario (docs/LOOP.md)."""
     videos: int = 0
     """MP4s of the first N episodes of each deployment stage."""
+    envs_per_worker: int = 4
+    """Envs each rollout actor (env runner) steps. With a checkpoint policy behind the inference service, a runner
+    steps one env while the others' observations are decoded; scripted and per-actor policies step one at a time.
+    Never changes an episode (each is a pure function of its seed)."""
     gpus_per_worker: float = 0.0
     """GPU share of each rollout actor, for the policy's forward pass in bf16 (0.25: four actors per GPU); 0 =
     CPU. Used where the cluster has GPUs or its autoscaler can add them; elsewhere the actors run the policy on
-    CPU, as train.use_gpu falls back. A 7B VLA needs it: on CPU one action takes seconds."""
+    CPU, as train.use_gpu falls back. A 7B VLA needs it: on CPU one action takes seconds. With the inference
+    service (``inference.enabled``) it is the replicas' share unless ``inference.gpus_per_replica`` is set."""
     oracle_version: int = 2
     """Revision of the scripted oracle that collects demos and corrects: 1 as first shipped; 2 also turns its
     grasp to clear a bin wall and retries a grasp that holds nothing (docs/FINDINGS.md §19). A run made
@@ -123,6 +128,10 @@ class DataConfig:
     """Seed of the shuffle and the pool sampling."""
     rows_per_shard: int = 4096
     """Training-set rows per Parquet shard."""
+    epochs: int = 0
+    """Balanced schedules the training set holds, one per training epoch, each drawn afresh (seeded by ``seed`` and
+    the epoch) as the paper's sampler reshuffles every epoch; 0 = as many as the training stage's epochs
+    (``train.epochs``, or ``loop.base_epochs`` for round 0). Training past the last one cycles back to the first."""
 
 
 @dataclass(frozen=True)
@@ -150,10 +159,18 @@ class ModelConfig:
     """Tiny kind: a proprio token (eef pos, quat, gripper), standardised with the BC data's statistics."""
     coord_channels: bool = False
     """Tiny kind: append the pixel coordinates as 2 input channels (CoordConv) for finer localisation."""
-    lora_r: int = 0
-    """LoRA rank (0 = train every weight); ``hf`` kind trains rank-r adapters on a frozen base."""
+    lora_r: int = -1
+    """LoRA rank (0 = train every weight); -1 = the kind's default: 32 for ``hf`` (a 7B trains rank-32 adapters
+    on a frozen base, and its live reference is that base with the adapters disabled), 0 for ``tiny``."""
     lora_alpha: int = 16
     """LoRA scale numerator (scale = alpha / r)."""
+    action_tokens: str = ""
+    """``hf``: the action-token convention (``ascending`` or ``openvla``) of a model whose config.json does not
+    state it; an OpenVLA config and an ``apo-ray export-hf`` dir state it themselves."""
+
+    @property
+    def lora_rank(self) -> int:
+        return self.lora_r if self.lora_r >= 0 else (32 if self.kind == "hf" else 0)
 
 
 @dataclass(frozen=True)
@@ -196,6 +213,10 @@ class TrainConfig:
     """APO: temperature of the undesirable samples' lambda."""
     lambda_norm: str = "subset_sum"
     """``subset_sum`` (the paper's code), ``subset_mean`` (batch-size invariant) or ``batch`` (the paper's text)."""
+    weight_norm: str = "none"
+    """APO/KTO: ``none`` (the paper's code: each sample's weight λ_i·w_i as it falls, so under Σ reduction KTO's sum
+    to 8 per micro-batch and APO's λ to about 2) or ``batch``: rescale them (a detached factor per micro-batch) to
+    sum to the micro-batch size, so every objective and weighting takes comparable steps at one lr."""
     reduction: str = "sum"
     """``sum`` (the paper's code) or ``mean``."""
     kl_allreduce: bool = False
@@ -244,8 +265,30 @@ class EvalConfig:
     """Parallel evaluation actors."""
     videos: int = 0
     """MP4s of the first N episodes of each evaluation stage."""
+    envs_per_worker: int = 4
+    """Envs each evaluation actor steps (as ``collect.envs_per_worker``)."""
     gpus_per_worker: float = 0.0
     """GPU share of each evaluation actor (as ``collect.gpus_per_worker``)."""
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """The batched policy-inference service of checkpoint policies (apo_ray.inference, docs/LOOP.md)."""
+
+    enabled: bool = True
+    """Checkpoint policies act through shared replicas that batch requests across env runners; false: each rollout
+    actor loads its own copy and decodes at batch 1 (the path before the service)."""
+    max_batch: int = 8
+    """Rows of every decode. Fewer requests are padded to this fixed shape, so a row's result never depends on its
+    batch mates; like ``threads``, part of the policy's numerics (a change may move low-order bits)."""
+    max_wait_ms: float = 4.0
+    """How long a replica holds its oldest request waiting for a full batch (0: decode what is queued at once)."""
+    replicas: int = 1
+    """Replicas (model copies) on CPU; on a cluster with GPUs, one per GPU (``gpus_per_replica: 1``) is the rule."""
+    gpus_per_replica: float = 0.0
+    """GPU share of each replica, which then runs in bf16 on the GPU nodes; 0 = ``collect/eval.gpus_per_worker``."""
+    threads: int = 1
+    """Torch threads of a CPU replica (the env runners keep the other cores)."""
 
 
 @dataclass(frozen=True)
@@ -293,6 +336,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -318,6 +362,9 @@ class Config:
         for name in ("k", "batch_size", "rows_per_shard"):
             if getattr(self.data, name) < (0 if name == "k" else 1):
                 raise UserError(f"data.{name} must be positive", f"config data.{name}", "set a positive integer")
+        if self.data.epochs < 0:
+            raise UserError("data.epochs must be >= 0", "config data.epochs",
+                            "use 0 (one schedule per training epoch) or the number of schedules to build")
         if self.train.undesirable_floor < 0:
             raise UserError("train.undesirable_floor must be >= 0", "config train.undesirable_floor",
                             "use 0 (off) or the nats below the reference at which the push stops, e.g. 14")
@@ -335,6 +382,22 @@ class Config:
             if g > 1 and g != int(g):  # Ray packs fractions onto one GPU only
                 raise UserError(f"{sec}.gpus_per_worker {g} is neither a share of one GPU nor whole GPUs",
                                 f"config {sec}.gpus_per_worker", "use a share in (0, 1] or a whole number")
+            if getattr(self, sec).envs_per_worker < 1:
+                raise UserError(f"{sec}.envs_per_worker must be >= 1", f"config {sec}.envs_per_worker",
+                                "use 1 or more envs per rollout actor, e.g. 4")
+        inf = self.inference
+        for name, low, fix in (("max_batch", 1, "e.g. 8"), ("replicas", 1, "e.g. 1 on CPU, one per GPU on a cluster"),
+                               ("threads", 1, "e.g. 1")):
+            if getattr(inf, name) < low:
+                raise UserError(f"inference.{name} must be >= {low}, got {getattr(inf, name)}",
+                                f"config inference.{name}", f"set a positive integer, {fix}")
+        if inf.max_wait_ms < 0:
+            raise UserError(f"inference.max_wait_ms must be >= 0, got {inf.max_wait_ms:g}", "config inference.max_wait_ms",
+                            "use 0 (no waiting) or a few milliseconds, e.g. 4")
+        g = inf.gpus_per_replica
+        if g < 0 or (g > 1 and g != int(g)):
+            raise UserError(f"inference.gpus_per_replica {g:g} is neither 0, a share of one GPU nor whole GPUs",
+                            "config inference.gpus_per_replica", "use 0 (CPU), a share in (0, 1] or a whole number, e.g. 1")
         if self.loop.base_batch_size < 0:
             raise UserError("loop.base_batch_size must be >= 0", "config loop.base_batch_size",
                             "set 0 (use data.batch_size) or a positive batch size")

@@ -17,8 +17,11 @@ metrics. The math follows ``shared/docs/apo_spec.md`` §2, "code as written" by 
 * APO: ``λ_D = 1 − exp(−β_D w)``, ``λ_U = exp(−β_U w)`` with ``w`` the L1 action error normalised per subset
   (``subset_sum``, the paper's code), by the per-subset mean (``subset_mean``, batch-size invariant) or over
   the whole micro-batch (``batch``, the paper's text);
-* loss per micro-batch = ``Σ_i λ_i L_i`` (``sum``) or its mean; micro-batches are averaged, which is what
-  gradient accumulation over them computes.
+* loss per micro-batch = ``Σ_i λ_i w_i L_i`` (``sum``) or its mean, ``w_i`` the desirable/undesirable (and
+  corrector) weight; micro-batches are averaged, which is what gradient accumulation over them computes;
+* ``weight_norm="batch"`` (not the paper) rescales each micro-batch's weights ``λ_i w_i`` by one detached factor
+  so they sum to its size B: KTO's already do (8 at B=8), APO's λ sum to about 2, so at one lr APO otherwise
+  steps ~4x smaller than KTO.
 
 A batch may hold several micro-batches back to back (``group`` samples each); λ, the KL estimate and the
 reduction are then computed per micro-batch, exactly as if each were its own step of accumulation.
@@ -37,6 +40,7 @@ OBJECTIVES = ("apo", "kto", "dagger", "sirius", "dpo", "bc")
 NEEDS_REFERENCE = {"apo", "kto", "dpo"}
 NEEDS_UNDESIRABLE = {"apo", "kto", "dpo"}
 LAMBDA_NORMS = ("subset_sum", "subset_mean", "batch")
+WEIGHT_NORMS = ("none", "batch")
 UNDESIRABLE_TOKENS = ("all", "differ")
 _EPS = 1e-4  # the paper's code: w_i = (l_i + 1e-4) / (Σ l + 1e-4)
 
@@ -89,6 +93,7 @@ class LossParams:
     undesirable_tokens: str = "all"
     corrector_weight: float = 1.0
     undesirable_floor: float = 0.0
+    weight_norm: str = "none"
 
     @classmethod
     def from_train_config(cls, t) -> LossParams:
@@ -99,7 +104,7 @@ class LossParams:
 
 _KTO_PARAMS = ("beta", "kl_clamp", "kl_nonneg", "desirable_weight", "undesirable_weight", "reweight", "beta_d",
                "beta_u", "lambda_norm", "reduction", "bc_weight", "undesirable_tokens", "corrector_weight",
-               "undesirable_floor")
+               "undesirable_floor", "weight_norm")
 OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
     "apo": _KTO_PARAMS, "kto": _KTO_PARAMS, "dpo": ("beta",),
     "sirius": ("sirius_intervention_weight", "sirius_preintervention_weight"), "dagger": (), "bc": (),
@@ -160,6 +165,19 @@ def adaptive_lambdas(l1: Tensor, desirable: Tensor, group: int, norm: str = "sub
     return lam.reshape(-1)
 
 
+def normalise_weights(weights: Tensor, group: int, norm: str) -> tuple[Tensor, Tensor]:
+    """(weights, scale per micro-batch): ``none`` leaves them; ``batch`` rescales each micro-batch's weights by
+    one detached factor so they sum to ``group``, the micro-batch size (an all-zero micro-batch stays zero)."""
+    if norm not in WEIGHT_NORMS:
+        raise ValueError(f"weight_norm must be one of {WEIGHT_NORMS}, got {norm!r}")
+    g = _grouped(weights.detach(), group)
+    if norm == "none":
+        return weights, torch.ones(g.shape[0], dtype=weights.dtype, device=weights.device)
+    total = g.sum(dim=1)
+    scale = torch.where(total > 0, group / total.clamp(min=1e-12), torch.zeros_like(total))
+    return weights * scale.repeat_interleave(group), scale
+
+
 def _reduce(per_sample: Tensor, group: int, reduction: str) -> Tensor:
     g = _grouped(per_sample, group)
     if reduction == "sum":
@@ -209,13 +227,14 @@ def apo_loss(s: Scores, p: LossParams, allreduce: Callable[[Tensor], Tensor] | N
     r_u_pushed = r_u.clamp(min=-p.undesirable_floor) if p.undesirable_floor > 0 else r_u
     loss_u = 1.0 - torch.sigmoid(p.beta * (z_i - r_u_pushed))
     w_d = torch.where(s.c == 2, p.desirable_weight * p.corrector_weight, p.desirable_weight)
-    per = torch.where(desirable, w_d * loss_d, p.undesirable_weight * loss_u)
+    w = torch.where(desirable, w_d, torch.full_like(w_d, p.undesirable_weight)).to(loss_d.dtype)
     if p.reweight:
         lam = adaptive_lambdas(s.l1, desirable, s.group, p.lambda_norm, p.beta_d, p.beta_u)
     else:
-        lam = torch.ones_like(per)
-    loss = _reduce(lam * per, s.group, p.reduction)
-    dmask = desirable.to(per.dtype)
+        lam = torch.ones_like(loss_d)
+    weight, scale = normalise_weights(lam * w, s.group, p.weight_norm)
+    loss = _reduce(weight * torch.where(desirable, loss_d, loss_u), s.group, p.reduction)
+    dmask = desirable.to(loss_d.dtype)
     umask = 1.0 - dmask
     n_groups = s.logp.shape[0] // s.group
     metrics = {
@@ -225,6 +244,10 @@ def apo_loss(s: Scores, p: LossParams, allreduce: Callable[[Tensor], Tensor] | N
         "kl_at_clamp": ((z <= lo + 1e-6) | (z >= hi - 1e-6)).float().mean().item(),
         "sum_lambda_D": ((lam * dmask).sum() / n_groups).item(),
         "sum_lambda_U": ((lam * umask).sum() / n_groups).item(),
+        # Σ_i λ_i w_i per micro-batch before and after weight_norm: what sets the step size at a given lr
+        "sum_weight_raw": ((lam * w).sum() / n_groups).item(),
+        "sum_weight": (weight.detach().sum() / n_groups).item(),
+        "weight_scale": scale.mean().item(),
         "loss_D": _weighted_mean(loss_d.detach(), dmask).item() if dmask.sum() > 0 else float("nan"),
         "loss_U": _weighted_mean(loss_u.detach(), umask).item() if umask.sum() > 0 else float("nan"),
     }

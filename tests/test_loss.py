@@ -297,7 +297,7 @@ def _perturbed(value):
     if isinstance(value, bool):
         return not value
     if isinstance(value, str):
-        return {"subset_sum": "batch", "sum": "mean", "all": "differ"}[value]
+        return {"subset_sum": "batch", "sum": "mean", "all": "differ", "none": "batch"}[value]
     return value * 1.7 + 0.3
 
 
@@ -317,6 +317,42 @@ def test_objective_params_list_every_param_an_objective_reads():
             loss, _ = objective_loss(name, s, p)
             assert loss.item() == base.item(), (name, f)
     # and the listed ones are read: the APO loss moves with each of its weights
-    for f in ("beta", "desirable_weight", "undesirable_weight", "bc_weight", "beta_d", "reduction"):
+    for f in ("beta", "desirable_weight", "undesirable_weight", "bc_weight", "beta_d", "reduction", "weight_norm"):
         moved, _ = objective_loss("apo", tiny(), LossParams(**{f: _perturbed(getattr(LossParams(), f))}))
         assert moved.item() != objective_loss("apo", tiny(), LossParams())[0].item(), f
+
+
+def test_weight_norm_batch_by_hand():
+    """train.weight_norm=batch: each micro-batch's weights λ_i·w_i are rescaled to sum to B, computed by hand on
+    the tiny micro-batch (B=4) with the Lift variant's undesirable_weight 0.5; ``none`` is the paper's sum."""
+    beta, z = 0.1, 0.1
+    loss_i = [1 - sig(beta * (0.5 - z)), 1 - sig(beta * (0.0 - z)),  # L_D of r_D = 0.5, 0.0
+              1 - sig(beta * (z + 0.5)), 1 - sig(beta * (z - 0.4))]  # L_U of r_U = -0.5, 0.4
+    w_d = [(0.1 + 1e-4) / (0.4 + 1e-4), (0.3 + 1e-4) / (0.4 + 1e-4)]  # l1 over its subset's sum (subset_sum)
+    w_u = [(0.2 + 1e-4) / (0.8 + 1e-4), (0.6 + 1e-4) / (0.8 + 1e-4)]
+    lam = [1 - math.exp(-w) for w in w_d] + [math.exp(-w) for w in w_u]
+    weights = [lam[0], lam[1], 0.5 * lam[2], 0.5 * lam[3]]
+    raw = sum(wt * li for wt, li in zip(weights, loss_i, strict=True))
+    scale = 4 / sum(weights)
+    p_none = LossParams(undesirable_weight=0.5)
+    p_batch = LossParams(undesirable_weight=0.5, weight_norm="batch")
+    loss, m = apo_loss(tiny(), p_none)
+    assert loss.item() == pytest.approx(raw, abs=1e-9) and m["sum_weight"] == pytest.approx(sum(weights), abs=1e-9)
+    loss, m = apo_loss(tiny(), p_batch)
+    assert loss.item() == pytest.approx(raw * scale, abs=1e-9)
+    assert m["sum_weight"] == pytest.approx(4.0, abs=1e-9) and m["weight_scale"] == pytest.approx(scale, abs=1e-9)
+    assert m["sum_weight_raw"] == pytest.approx(sum(weights), abs=1e-9)
+    # KTO's weights already sum to B (all 1): batch leaves it exactly; with undesirable_weight 0.5 they sum to 3
+    kto = [1 - sig(beta * (0.5 - z)), 1 - sig(beta * (0.0 - z)), 1 - sig(beta * (z + 0.5)), 1 - sig(beta * (z - 0.4))]
+    assert kto_loss(tiny(), LossParams(weight_norm="batch"))[0].item() == pytest.approx(sum(kto), abs=1e-9)
+    got = kto_loss(tiny(), LossParams(undesirable_weight=0.5, weight_norm="batch"))[0].item()
+    assert got == pytest.approx(4 / 3 * (kto[0] + kto[1] + 0.5 * (kto[2] + kto[3])), abs=1e-9)
+    # the rescale is per micro-batch: two micro-batches of 4 each sum to 4, whatever the other holds
+    two = tiny(group=4, **{k: torch.cat([getattr(tiny(), k), getattr(tiny(), k)]) for k in
+                           ("logp", "logp_u", "token_logp", "c", "is_expert", "l1", "ref_logp", "ref_logp_u",
+                            "kl_logp", "ref_kl_logp")})
+    two.l1 = torch.cat([tiny().l1, 3 * tiny().l1])  # the second micro-batch: other errors, same λ after norm
+    loss2, m2 = apo_loss(two, p_batch)
+    assert m2["sum_weight"] == pytest.approx(4.0, abs=1e-9)
+    with pytest.raises(ValueError, match="weight_norm"):
+        apo_loss(tiny(), LossParams(weight_norm="sum"))
