@@ -9,7 +9,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 APT_PKGS := libegl1 libgl1 libgles2 libglvnd0 libopengl0 libegl-mesa0 libgl1-mesa-dri
 
-.PHONY: setup apt test test-all lint demo smoke bench chaos clean
+.PHONY: setup apt test test-all lint demo smoke bench chaos clean openvla-env
 
 setup: .venv/.stamp
 
@@ -51,6 +51,21 @@ bench: setup
 
 chaos: setup
 	$(PY) -m apo_ray.chaos --config configs/smoke.yaml --kills 20
+
+# A second venv pinned as OpenVLA's own code demands (modeling_prismatic refuses timm outside 0.9.10-0.9.16 and
+# expects transformers 4.40.1 / tokenizers 0.19.1). timm and OpenVLA's processor import torchvision, which fails
+# next to the local torch 2.13.0+cpu wheel, so this venv takes the torch 2.14.1 + torchvision 0.29.1 pair from
+# this machine's disk. apo_ray goes in without its dependencies: scripts/check_openvla.sh runs the model-level path.
+OPENVLA_PKGS := torch==2.14.1 torchvision==0.29.1 transformers==4.40.1 tokenizers==0.19.1 timm==0.9.16 \
+	peft==0.11.1 "numpy<2" pyarrow pyyaml safetensors pillow
+openvla-env: .venv-openvla/.stamp
+
+.venv-openvla/.stamp: Makefile
+	@test -x .venv-openvla/bin/python || python3.11 -m venv .venv-openvla || python3 -m venv .venv-openvla
+	.venv-openvla/bin/python -m pip install -q $(OPENVLA_PKGS)
+	.venv-openvla/bin/python -m pip install -q --no-deps -e .
+	.venv-openvla/bin/python -c "import timm, transformers, tokenizers, torchvision, peft; print(timm.__version__, transformers.__version__, tokenizers.__version__)"
+	@touch $@
 
 clean:
 	rm -rf runs .pytest_cache

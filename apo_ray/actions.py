@@ -2,8 +2,20 @@
 
 The OpenVLA recipe the paper's code uses: per-dimension q01/q99 statistics map the six arm dimensions to
 [-1, 1] (clipped); the gripper (last dim) is already in [-1, 1] and is passed through, never normalized.
-[-1, 1] is cut into ``n_bins`` uniform bins; a bin ``b`` becomes token id ``vocab_size - n_bins + b`` (the last
-``n_bins`` ids of the vocabulary) and decodes to the bin centre, so a round trip is off by at most half a bin.
+Two token conventions, both on the last ``n_bins`` ids of the vocabulary (``vocab_size`` = the action
+vocabulary, the base text vocabulary without added or padding tokens):
+- ``ascending`` (the tiny VLA): [-1, 1] is cut into ``n_bins`` uniform bins; bin ``b`` is token
+  ``vocab_size - n_bins + b`` and decodes to its centre.
+- ``openvla`` (OpenVLA / Prismatic checkpoints, ``prismatic/vla/action_tokenizer.py``): token
+  ``vocab_size - digitize(x, linspace(-1, 1, n_bins))``, descending; digitize gives 1..n_bins (n_bins only for
+  x = 1.0), decoded through the ``n_bins - 1`` centres of those edges with index ``clip(vocab_size - t - 1, 0,
+  n_bins - 2)``. A pretrained OpenVLA's tokens read the ascending way would be mirrored.
+Either way a round trip is off by at most half a bin. The convention is a checkpoint's, recorded in its metadata.
+
+The ``openvla`` convention also carries OpenVLA's gripper: its data wrapper standardises the gripper to 0..1 with
+1 = open (never normalised, mask False), while robosuite commands -1 = open, +1 = closed. So the model's gripper
+``g = (1 - a) / 2`` for a robosuite command ``a``, and ``a = 1 - 2 g`` back (OpenVLA's LIBERO eval does the same:
+``2 g - 1`` then a sign flip; it also binarises, we keep the bin centre).
 """
 
 from __future__ import annotations
@@ -14,6 +26,8 @@ import numpy as np
 
 N_BINS = 256
 GRIPPER_DIM = 6
+ASCENDING, OPENVLA = "ascending", "openvla"
+CONVENTIONS = (ASCENDING, OPENVLA)
 
 
 def action_stats(actions: np.ndarray) -> dict[str, Any]:
@@ -79,11 +93,56 @@ def tokens_to_bins(tokens: np.ndarray, vocab_size: int, n_bins: int = N_BINS) ->
     return np.clip(np.asarray(tokens, dtype=np.int64) - (vocab_size - n_bins), 0, n_bins - 1).astype(np.int16)
 
 
-def tokenize(actions: np.ndarray, stats: dict[str, Any], vocab_size: int, n_bins: int = N_BINS) -> np.ndarray:
-    """Raw actions (..., D) -> token ids (..., D) int32."""
-    return bins_to_tokens(to_bins(normalize(actions, stats), n_bins), vocab_size, n_bins)
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown action-token convention {convention!r}; one of {CONVENTIONS}")
 
 
-def detokenize(tokens: np.ndarray, stats: dict[str, Any], vocab_size: int, n_bins: int = N_BINS) -> np.ndarray:
-    """Token ids (..., D) -> raw actions at the bin centres."""
-    return unnormalize(bin_centers(tokens_to_bins(tokens, vocab_size, n_bins), n_bins), stats)
+def norm_to_tokens(norm: np.ndarray, vocab_size: int, convention: str = ASCENDING,
+                   n_bins: int = N_BINS) -> np.ndarray:
+    """Normalised actions in [-1, 1] (..., D) -> token ids (..., D) int32 under ``convention``."""
+    _check_convention(convention)
+    if convention == ASCENDING:
+        return bins_to_tokens(to_bins(norm, n_bins), vocab_size, n_bins)
+    x = np.clip(np.asarray(norm, dtype=np.float64), -1.0, 1.0)
+    return (vocab_size - np.digitize(x, np.linspace(-1.0, 1.0, n_bins))).astype(np.int32)
+
+
+def tokens_to_norm(tokens: np.ndarray, vocab_size: int, convention: str = ASCENDING,
+                   n_bins: int = N_BINS) -> np.ndarray:
+    """Token ids (..., D) -> normalised actions at the bin centres (ids outside the action range clip)."""
+    _check_convention(convention)
+    if convention == ASCENDING:
+        return bin_centers(tokens_to_bins(tokens, vocab_size, n_bins), n_bins)
+    edges = np.linspace(-1.0, 1.0, n_bins)
+    centers = (edges[:-1] + edges[1:]) / 2.0
+    idx = np.clip(vocab_size - np.asarray(tokens, dtype=np.int64) - 1, 0, n_bins - 2)
+    return centers[idx].astype(np.float32)
+
+
+def env_to_model(actions: np.ndarray, convention: str) -> np.ndarray:
+    """robosuite actions (..., D) -> the model's action space (``openvla``: gripper -1 open -> 1 open)."""
+    a = np.array(actions, dtype=np.float64)
+    if convention == OPENVLA and a.shape[-1] > GRIPPER_DIM:
+        a[..., GRIPPER_DIM] = (1.0 - a[..., GRIPPER_DIM]) / 2.0
+    return a
+
+
+def model_to_env(actions: np.ndarray, convention: str) -> np.ndarray:
+    """Inverse of :func:`env_to_model`."""
+    a = np.array(actions, dtype=np.float32)
+    if convention == OPENVLA and a.shape[-1] > GRIPPER_DIM:
+        a[..., GRIPPER_DIM] = 1.0 - 2.0 * a[..., GRIPPER_DIM]
+    return a
+
+
+def tokenize(actions: np.ndarray, stats: dict[str, Any], vocab_size: int, n_bins: int = N_BINS,
+             convention: str = ASCENDING) -> np.ndarray:
+    """Raw robosuite actions (..., D) -> token ids (..., D) int32; ``stats`` are of the model's action space."""
+    return norm_to_tokens(normalize(env_to_model(actions, convention), stats), vocab_size, convention, n_bins)
+
+
+def detokenize(tokens: np.ndarray, stats: dict[str, Any], vocab_size: int, n_bins: int = N_BINS,
+               convention: str = ASCENDING) -> np.ndarray:
+    """Token ids (..., D) -> raw robosuite actions at the bin centres."""
+    return model_to_env(unnormalize(tokens_to_norm(tokens, vocab_size, convention, n_bins), stats), convention)

@@ -130,8 +130,9 @@ class DataConfig:
     """Training-set rows per Parquet shard."""
     epochs: int = 0
     """Balanced schedules the training set holds, one per training epoch, each drawn afresh (seeded by ``seed`` and
-    the epoch) as the paper's sampler reshuffles every epoch; 0 = as many as the training stage's epochs
-    (``train.epochs``, or ``loop.base_epochs`` for round 0). Training past the last one cycles back to the first."""
+    the epoch) as the paper's sampler reshuffles every epoch. 0 = in ``apo-ray loop``, as many as the stage's
+    training epochs (``train.epochs``, ``loop.base_epochs`` in round 0); ``apo-ray dataset`` then builds 1.
+    Training past the last schedule cycles back to the first."""
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ from apo_ray.errors import UserError
 from apo_ray.fsio import TMP_PREFIX, atomic_dir, sha256_file, write_json
 from apo_ray.ray_utils import cluster_offers, ray_session
 
-DATASET_SCHEMA_VERSION = 1
+DATASET_SCHEMA_VERSION = 2
+"""2: one balanced schedule per epoch (``data.epochs``), schedules seeded by (seed, epoch), a ``sample_id`` column."""
 DEFAULT_VOCAB_SIZE = 32064
 """Llama-2 tokenizer + OpenVLA padding; the tiny model passes its own ``vocab_size``."""
 
@@ -53,6 +54,7 @@ PATH = "path"  # added by read_parquet(include_paths=True)
 BATCH_ID = "batch_id"
 SLOT = "slot"
 IS_EXPERT = "is_expert"
+SAMPLE_ID = "sample_id"  # the kept step's index in the plan's deterministic order: identifies it across batches
 POOL = "pool"
 ACTION_NORM = "action_norm"
 ACTION_BINS = "action_bins"
@@ -65,7 +67,7 @@ TARGET_PARTITION_BYTES = 32 << 20
 
 # Columns of one output row (one micro-batch); every one but batch_id has leading dim B.
 SAMPLE_COLUMNS = (S.IMAGE, S.PROPRIO, S.INSTRUCTION, S.ACTION, ACTION_NORM, ACTION_BINS, ACTION_TOKENS,
-                  ORACLE_TOKENS, S.C, POOL, IS_EXPERT, S.EPISODE_ID, S.T)
+                  ORACLE_TOKENS, S.C, POOL, IS_EXPERT, S.EPISODE_ID, S.T, SAMPLE_ID)
 
 LIGHT_COLUMNS = (S.EPISODE_ID, S.T, S.ACTION, S.C, S.INTERVENTION_ID)
 HEAVY_COLUMNS = (S.EPISODE_ID, S.T, S.IMAGE, S.PROPRIO, S.INSTRUCTION, S.ACTION, S.ORACLE_ACTION)
@@ -167,18 +169,21 @@ def num_batches(sizes: Iterable[int], slots: Iterable[int]) -> int:
     return max(math.ceil(n / s) for n, s in zip(sizes, slots, strict=True) if s > 0)
 
 
-def schedule(sizes: Iterable[int], slots: Iterable[int], n_batches: int, seed: int) -> list[np.ndarray]:
-    """Pool-local sample indices per batch: one (n_batches, slots[p]) int array per pool.
+def schedule(sizes: Iterable[int], slots: Iterable[int], n_batches: int, seed: int, epoch: int = 0
+             ) -> list[np.ndarray]:
+    """Pool-local sample indices per batch of one epoch: one (n_batches, slots[p]) int array per pool.
 
-    Each pool is drawn in passes; every pass is a fresh permutation seeded by (seed, pool, pass), so a pool
-    smaller than the epoch cycles and the result depends only on these arguments.
+    Each pool is drawn in passes; every pass is a fresh permutation seeded by (seed, epoch, pool, pass), so a pool
+    smaller than the epoch cycles, every epoch draws afresh (the paper's sampler reshuffles with seed + epoch),
+    and the result depends only on these arguments. A pool larger than its share of the epoch shows each epoch a
+    fresh subset: after k epochs a sample has been drawn with probability 1 - (1 - need/n)^k.
     """
     out = []
     for p, (n, s) in enumerate(zip(sizes, slots, strict=True)):
         need = n_batches * s
         idx = np.empty(need, dtype=np.int64)
         for cyc in range(math.ceil(need / n) if n else 0):
-            perm = np.random.default_rng([seed, p, cyc]).permutation(n)
+            perm = np.random.default_rng([seed, epoch, p, cyc]).permutation(n)
             lo = cyc * n
             idx[lo: lo + n] = perm[: need - lo]
         out.append(idx.reshape(n_batches, s))
@@ -291,7 +296,8 @@ def _label_block(batch: dict[str, np.ndarray], cfg: DataConfig, expert_paths: fr
 
 
 def _explode(batch: dict[str, np.ndarray], plan: dict[str, np.ndarray], path_ids: dict[str, int],
-             stats: dict[str, Any], vocab_size: int, n_bins: int) -> dict[str, np.ndarray]:
+             stats: dict[str, Any], vocab_size: int, n_bins: int,
+             action_tokens: str = A.ASCENDING) -> dict[str, np.ndarray]:
     """map_batches UDF: drop filtered steps, normalize + tokenize, and copy each kept step into every
     (batch_id, slot) the schedule gives it (a step of a small pool appears in several batches)."""
     import pandas as pd
@@ -310,10 +316,12 @@ def _explode(batch: dict[str, np.ndarray], plan: dict[str, np.ndarray], path_ids
         BATCH_ID: m[BATCH_ID].to_numpy(np.int64), SLOT: m[SLOT].to_numpy(np.int32),
         S.IMAGE: np.asarray(batch[S.IMAGE])[rows], S.PROPRIO: np.asarray(batch[S.PROPRIO])[rows],
         S.INSTRUCTION: np.asarray(batch[S.INSTRUCTION], dtype=object)[rows], S.ACTION: action,
-        ACTION_NORM: norm, ACTION_BINS: bins, ACTION_TOKENS: A.bins_to_tokens(bins, vocab_size, n_bins),
-        ORACLE_TOKENS: A.tokenize(np.asarray(batch[S.ORACLE_ACTION])[rows], stats, vocab_size, n_bins),
+        # tokens follow the model's convention (ascending bins, or OpenVLA's descending ids and 0..1 gripper)
+        ACTION_NORM: norm, ACTION_BINS: bins, ACTION_TOKENS: A.tokenize(action, stats, vocab_size, n_bins, action_tokens),
+        ORACLE_TOKENS: A.tokenize(np.asarray(batch[S.ORACLE_ACTION])[rows], stats, vocab_size, n_bins, action_tokens),
         S.C: m[S.C].to_numpy(np.int8), POOL: m[POOL].to_numpy(np.int8), IS_EXPERT: m[IS_EXPERT].to_numpy(bool),
         S.EPISODE_ID: m[S.EPISODE_ID].to_numpy(object), S.T: m[S.T].to_numpy(np.int32),
+        SAMPLE_ID: m[SAMPLE_ID].to_numpy(np.int64),
     }
 
 
@@ -496,8 +504,9 @@ def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _plan(labels: dict[str, np.ndarray], expert_paths: frozenset[str], cfg: DataConfig,
           fixed_stats: dict[str, Any] | None = None
-          ) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, Any], dict[str, Any]]:
-    """Driver-side numpy: statistics (unless ``fixed_stats``), pools and the batch schedule from the labels."""
+          ) -> tuple[list[dict[str, np.ndarray]], dict[str, int], dict[str, Any], dict[str, Any]]:
+    """Driver-side numpy: statistics (unless ``fixed_stats``), pools and one batch schedule per epoch
+    (``max(1, data.epochs)``) from the labels. Epoch e's batches get ids e·n_batches + b."""
     # deterministic order whatever order Ray returned the groups in
     order = np.lexsort((labels[S.T], labels[PATH].astype(str), labels[S.EPISODE_ID].astype(str)))
     lab = {k: v[order] for k, v in labels.items()}
@@ -513,20 +522,24 @@ def _plan(labels: dict[str, np.ndarray], expert_paths: frozenset[str], cfg: Data
     slots = batch_slots(cfg.ratios, cfg.batch_size, sizes)
     n_batches = num_batches(sizes, slots)
     members = [np.flatnonzero(pool == p) for p in range(3)]
-    picks = schedule(sizes, slots, n_batches, cfg.seed)
-    idx = np.concatenate([members[p][picks[p]] for p in range(3) if slots[p] > 0], axis=1)  # (n_batches, B)
     paths = sorted(set(kept[PATH].tolist()))
     path_ids = {p: i for i, p in enumerate(paths)}
-    flat = idx.reshape(-1)
-    plan = {
-        "path_id": np.array([path_ids[p] for p in kept[PATH][flat]], dtype=np.int64),
-        S.EPISODE_ID: kept[S.EPISODE_ID][flat].astype(object), S.T: kept[S.T][flat].astype(np.int64),
-        BATCH_ID: np.repeat(np.arange(n_batches, dtype=np.int64), cfg.batch_size),
-        SLOT: np.tile(np.arange(cfg.batch_size, dtype=np.int32), n_batches),
-        S.C: kept[S.C][flat], POOL: pool[flat], IS_EXPERT: is_expert[flat],
-    }
+    kept_path_id = np.array([path_ids[p] for p in kept[PATH]], dtype=np.int64)
+    epochs = max(1, cfg.epochs)
+    plans = []
+    for e in range(epochs):
+        picks = schedule(sizes, slots, n_batches, cfg.seed, e)
+        idx = np.concatenate([members[p][picks[p]] for p in range(3) if slots[p] > 0], axis=1)  # (n_batches, B)
+        flat = idx.reshape(-1)
+        plans.append({
+            "path_id": kept_path_id[flat],
+            S.EPISODE_ID: kept[S.EPISODE_ID][flat].astype(object), S.T: kept[S.T][flat].astype(np.int64),
+            BATCH_ID: np.repeat(np.arange(e * n_batches, (e + 1) * n_batches, dtype=np.int64), cfg.batch_size),
+            SLOT: np.tile(np.arange(cfg.batch_size, dtype=np.int32), n_batches),
+            S.C: kept[S.C][flat], POOL: pool[flat], IS_EXPERT: is_expert[flat], SAMPLE_ID: flat.astype(np.int64),
+        })
     counts = {
-        "input_rows": int(len(keep)), "rows": int(keep.sum()), "batches": n_batches,
+        "input_rows": int(len(keep)), "rows": int(keep.sum()), "batches": n_batches, "schedules": epochs,
         "samples": n_batches * cfg.batch_size,
         "episodes": int(len({(p, e) for p, e in zip(lab[PATH], lab[S.EPISODE_ID], strict=True)})),
         "per_class": {str(c): int((kept[S.C] == c).sum()) for c in (0, 1, 2)},
@@ -535,12 +548,13 @@ def _plan(labels: dict[str, np.ndarray], expert_paths: frozenset[str], cfg: Data
         "batch_composition": {POOL_NAMES[p]: slots[p] for p in range(3)},
         "dropped": dropped,
     }
-    return plan, path_ids, stats, counts
+    return plans, path_ids, stats, counts
 
 
 def build_dataset(episode_dirs: Iterable[str | os.PathLike[str]], demo_paths: Iterable[str | os.PathLike[str]],
                   out_dir: str | os.PathLike[str], cfg: DataConfig, *, ref_checkpoint: str | None = None,
-                  vocab_size: int = DEFAULT_VOCAB_SIZE, address: str | None = None) -> dict[str, Any]:
+                  vocab_size: int = DEFAULT_VOCAB_SIZE, action_tokens: str = A.ASCENDING,
+                  address: str | None = None) -> dict[str, Any]:
     """Episodes (+ expert demos: episode dirs or robomimic HDF5 files) -> ``out_dir/shards`` + manifest.
 
     Returns the summary (``summary_of``) plus ``skipped`` and ``dataset_hash``. The dataset is built in a temp
@@ -580,7 +594,10 @@ def build_dataset(episode_dirs: Iterable[str | os.PathLike[str]], demo_paths: It
         i["sha256"] = sha256_file(i["path"])
     config = {"k": cfg.k, "ratios": list(cfg.ratios), "filters": {"max_abs_action": cfg.max_abs_action,
               "idle_threshold": cfg.idle_threshold}, "seed": cfg.seed, "batch_size": cfg.batch_size,
-              "n_bins": cfg.n_bins, "vocab_size": vocab_size, "rows_per_shard": cfg.rows_per_shard}
+              "n_bins": cfg.n_bins, "vocab_size": vocab_size, "rows_per_shard": cfg.rows_per_shard,
+              "demo_label": cfg.demo_label, "epochs": max(1, cfg.epochs)}  # every DataConfig key (a test checks)
+    if action_tokens != A.ASCENDING:  # absent = ascending, so datasets built before the field keep their hash
+        config["action_tokens"] = action_tokens
     reference = None
     if ref_checkpoint is not None:
         # Fine-tuning keeps the reference's action statistics: re-deriving them from the new data would move
@@ -670,23 +687,26 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
     pairs = pd.DataFrame({k: labels[k] for k in (PATH, S.EPISODE_ID, "block")}).drop_duplicates()
     if pairs.duplicated([PATH, S.EPISODE_ID]).any():
         raise RuntimeError("an episode was split across read blocks; relabelling needs whole episodes")
-    plan, path_ids, stats, counts = _plan(labels, frozenset(expert), cfg,
+    plans, path_ids, stats, counts = _plan(labels, frozenset(expert), cfg,
                                           reference["action_stats"] if reference is not None else None)
     lap("plan")
 
-    # Pass 2: normalize, tokenize, place every step into its balanced micro-batches, write.
+    # Pass 2, once per epoch's schedule: normalize, tokenize, place every step into its balanced micro-batches,
+    # write. A pass per epoch keeps each epoch's rows in their own shards, in epoch order, for the trainer.
     shard_dir = tmp / "shards"
     batches_per_shard = max(1, cfg.rows_per_shard // cfg.batch_size)
     input_bytes = sum(os.path.getsize(f) for f in files)
     batch_bytes = counts["samples"] * (int(np.prod(image_shape)) + 128)  # images dominate
 
-    def batch_pass() -> None:
+    def batch_pass(plan: dict[str, np.ndarray], out: Path) -> None:
         ds = ray.data.read_parquet(files, include_paths=True,
                                    override_num_blocks=_partitions(len(files), input_bytes))
         ds = ds.select_columns([*HEAVY_COLUMNS, PATH])
         ds = ds.map_batches(add_path, batch_format="numpy")
         ds = ds.map_batches(functools.partial(_explode, plan=plan, path_ids=path_ids, stats=stats,
-                                              vocab_size=vocab_size, n_bins=cfg.n_bins), batch_format="numpy")
+                                              vocab_size=vocab_size, n_bins=cfg.n_bins,
+                                              action_tokens=config.get("action_tokens", A.ASCENDING)),
+                            batch_format="numpy")
         ds = ds.groupby(BATCH_ID, num_partitions=_partitions(counts["batches"], batch_bytes)).map_groups(
             functools.partial(_assemble, batch_size=cfg.batch_size), batch_format="numpy")
         if reference is not None:
@@ -696,19 +716,23 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
             ds = ds.map_batches(RefLogp, fn_constructor_args=(functools.partial(_model_logp_fn,
                                 reference["checkpoint"]),), batch_format="pyarrow", batch_size=16, concurrency=1,
                                 num_gpus=gpus)
-        ds.write_parquet(str(shard_dir), min_rows_per_file=min(batches_per_shard, counts["batches"]),
+        ds.write_parquet(str(out), min_rows_per_file=min(batches_per_shard, counts["batches"]),
                          max_rows_per_file=batches_per_shard)
 
-    _execute(batch_pass, files)
+    shards: list[dict[str, Any]] = []
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for e, plan in enumerate(plans):
+        out = tmp / "work" / f"epoch-{e:03d}"
+        _execute(functools.partial(batch_pass, plan, out), files)
+        for p in sorted(out.glob("*.parquet")):
+            dest = shard_dir / f"part-{len(shards):05d}.parquet"
+            os.replace(p, dest)
+            shards.append({"name": f"shards/{dest.name}", "rows": pq.ParquetFile(dest).metadata.num_rows,
+                           "sha256": sha256_file(dest), "epoch": e})
+        if sum(s["rows"] for s in shards if s["epoch"] == e) != counts["batches"]:
+            raise RuntimeError(f"wrote {sum(s['rows'] for s in shards if s['epoch'] == e)} batches for epoch {e}, "
+                               f"planned {counts['batches']}")
     lap("batches")
-    shards = []
-    for n, p in enumerate(sorted(shard_dir.glob("*.parquet"))):
-        dest = shard_dir / f"part-{n:05d}.parquet"
-        os.replace(p, dest)
-        shards.append({"name": f"shards/{dest.name}", "rows": pq.ParquetFile(dest).metadata.num_rows,
-                       "sha256": sha256_file(dest)})
-    if sum(s["rows"] for s in shards) != counts["batches"]:
-        raise RuntimeError(f"wrote {sum(s['rows'] for s in shards)} batches, planned {counts['batches']}")
     shutil.rmtree(tmp / "work", ignore_errors=True)
     elapsed = time.perf_counter() - t0
     manifest = {

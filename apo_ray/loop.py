@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from apo_ray import fsio
-from apo_ray.checkpoint import vocab_size
+from apo_ray.checkpoint import checkpoint_dir, token_layout
 from apo_ray.config import Config
 from apo_ray.errors import UserError
 from apo_ray.journal import Journal, run_lock, run_stage, set_progress
@@ -50,6 +50,7 @@ SHARED = "shared"
 DEMOS = "demos"
 CONFIG_FILE = "config.json"
 RESUMABLE_CONFIG_KEYS = ("loop.rounds", "eval.videos", "collect.videos", "collect.workers", "eval.workers",
+                         "collect.envs_per_worker", "eval.envs_per_worker", "inference.replicas", "inference.max_wait_ms",
                          "train.workers", "loop.storage")
 """Keys that may change between a run and its resume: they do not change any completed stage's output."""
 LEGACY_VALUES = {"corrector": {"off_target_steps": 0}, "collect": {"oracle_version": 1}}
@@ -117,8 +118,10 @@ def stage_train_config(cfg: Config, st: Stage) -> Any:
 
 
 def stage_data_config(cfg: Config, st: Stage) -> Any:
-    """The DataConfig a dataset stage builds with: round 0 applies the ``loop.base_*`` batch and filter."""
+    """The DataConfig a dataset stage builds with: round 0 applies the ``loop.base_*`` batch and filter; with
+    ``data.epochs`` 0 it holds one fresh balanced schedule per epoch its training stage runs."""
     dc, lp = cfg.data, cfg.loop
+    dc = dataclasses.replace(dc, epochs=dc.epochs or max(1, stage_train_config(cfg, st).epochs))
     if st.round > 0:
         return dc
     return dataclasses.replace(dc, batch_size=lp.base_batch_size or dc.batch_size,
@@ -132,6 +135,8 @@ def plan(cfg: Config) -> list[Stage]:
     stages = [Stage(f"r0/{DEMOS}/collect/{orig}", "collect", 0, DEMOS, orig),
               Stage(f"r0/{BASE}/dataset", "dataset", 0, BASE),
               Stage(f"r0/{BASE}/train", "train", 0, BASE)]
+    if cfg.loop.base_policy:  # pi0 is given: its train stage imports it, and no BC set is built
+        del stages[1]
     stages += [Stage(f"r0/{BASE}/eval/{sc}", "eval", 0, BASE, sc) for sc in eval_scenarios(cfg)]
     for rnd in range(1, cfg.loop.rounds + 1):
         for arm in cfg.loop.arms:
@@ -160,7 +165,7 @@ def stage_deps(cfg: Config, st: Stage) -> list[str]:
                 *episode_keys(cfg, st.round, st.arm)]
     if st.kind == "train":
         if st.round == 0:
-            return [f"r0/{BASE}/dataset"]
+            return [] if cfg.loop.base_policy else [f"r0/{BASE}/dataset"]
         return [train_key(st.round - 1, st.arm), f"r{st.round}/{deploy_arm(cfg, st.round, st.arm)}/dataset"]
     return [train_key(st.round, st.arm)]
 
@@ -187,6 +192,7 @@ def stage_inputs(cfg: Config, st: Stage) -> dict[str, Any]:
     if st.kind in ("collect", "eval"):
         out["env"] = section("env")
         out["oracle_version"] = cfg.collect.oracle_version  # eval episodes carry its oracle_action labels
+        out["inference"] = section("inference")  # the decode's fixed shape and device are the policy's numerics
     if st.kind == "collect":
         out["collect"] = section("collect")
         if st.round == 0:
@@ -198,6 +204,8 @@ def stage_inputs(cfg: Config, st: Stage) -> dict[str, Any]:
     elif st.kind == "dataset":
         out["data"] = section("data", dataclasses.asdict(stage_data_config(cfg, st)))
         out["model"] = section("model")
+    elif st.kind == "train" and st.round == 0 and lp.base_policy:
+        out["base_policy"] = base_policy_digest(lp.base_policy)  # its content, not its path, is pi0
     elif st.kind == "train":
         tc = dataclasses.asdict(stage_train_config(cfg, st))
         unread = set(LossParams.__dataclass_fields__) - set(OBJECTIVE_PARAMS[tc["objective"]])
@@ -208,6 +216,54 @@ def stage_inputs(cfg: Config, st: Stage) -> dict[str, Any]:
     else:
         out["eval"] = section("eval")
     return json.loads(json.dumps(out))  # tuples and lists compare equal after a JSON round trip
+
+
+def base_policy_files(path: str) -> list[Path]:
+    """The files of a given pi0 that loading reads (a shipped dir's README is not pi0)."""
+    d = checkpoint_dir(path)
+    return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix != ".md")
+
+
+def base_policy_digest(path: str) -> str:
+    """sha256 over a given pi0's files (names and contents): the identity that fork and resume compare."""
+    import hashlib
+
+    d = checkpoint_dir(path)
+    h = hashlib.sha256()
+    for p in base_policy_files(path):
+        h.update(f"{p.relative_to(d)}\0{fsio.sha256_file(p)}\0".encode())
+    return h.hexdigest()
+
+
+def check_base_policy(cfg: Config) -> None:
+    """loop.base_policy must be a checkpoint that fits the run: its camera views and model as configured, since
+    later rounds collect with env.wrist and warm-start with cfg.model from it."""
+    from apo_ray.checkpoint import read_meta
+
+    where, path = "config loop.base_policy", cfg.loop.base_policy
+    if not Path(path).is_dir():
+        raise UserError(f"loop.base_policy '{path}' is not a directory", where,
+                        "pass a checkpoint dir written by apo-ray train (or a shipped one, e.g. assets/pi0_lift), "
+                        "relative to the working directory")
+    try:
+        meta = read_meta(path)
+    except UserError as e:
+        raise UserError(f"loop.base_policy is not a checkpoint: {e.what}", where, e.fix) from None
+    d = checkpoint_dir(path)
+    if meta.get("kind", "tiny") == "tiny" and not (d / "model.safetensors").is_file():
+        raise UserError("loop.base_policy is not a checkpoint: model.safetensors missing", where,
+                        "copy the checkpoint's model.safetensors beside its apo_vla.json")
+    views = int(meta.get("image_views", 1))
+    if views != (2 if cfg.env.wrist else 1):
+        raise UserError(f"loop.base_policy takes {views} camera view(s) but env.wrist is {cfg.env.wrist}", where,
+                        f"set env.wrist: {str(views > 1).lower()}")
+    from apo_ray.trainer import ARCH_FIELDS
+
+    built, want = meta.get("model") or {}, dataclasses.asdict(cfg.model)
+    for k in ARCH_FIELDS if built.get("kind", "tiny") == "tiny" else ("kind",):
+        if k in built and built[k] != want[k]:
+            raise UserError(f"loop.base_policy was built with model.{k}={built[k]}, the config has {want[k]}", where,
+                            f"set model.{k}: {json.dumps(built[k])} (later rounds warm-start from it)")
 
 
 def check_config(cfg: Config) -> None:
@@ -251,6 +307,8 @@ def check_config(cfg: Config) -> None:
         raise UserError("loop.scenarios is empty", "config loop.scenarios", "name a disruption, e.g. [position]")
     for sc in (*lp.scenarios, cfg.env.scenario):
         envs.parse_scenario(sc)
+    if lp.base_policy:
+        check_base_policy(cfg)
     if cfg.env.task not in envs.TASKS:
         import difflib
 
@@ -355,7 +413,8 @@ class Loop:
         return collect(e.task, st.scenario, policy, n, c.workers, seed, work, round_=st.round, corrector=corrector,
                        image_size=e.image_size, horizon=e.horizon, videos=videos, address=self.address,
                        resume=True, progress=self.progress, label=st.key, wrist=e.wrist,
-                       oracle_version=c.oracle_version, gpus=c.gpus_per_worker)
+                       oracle_version=c.oracle_version, gpus=c.gpus_per_worker, envs_per_worker=c.envs_per_worker,
+                       inference=self.cfg.inference)
 
     def _dataset(self, st: Stage, work: Path) -> dict[str, Any]:
         from apo_ray.data import build_dataset
@@ -367,13 +426,28 @@ class Loop:
         dc = stage_data_config(self.cfg, st)
         with _Ticker(st.key, None, self.progress):
             summary = build_dataset(episode_dirs, demos, work, dc, ref_checkpoint=ref,
-                                    vocab_size=vocab_size(self.cfg.model, ref), address=self.address)
+                                    **token_layout(self.cfg.model, ref), address=self.address)
         manifest = json.loads((work / "manifest.json").read_text())
         return {**summary, "counts": manifest["counts"]}
+
+    def _import_base(self, work: Path) -> dict[str, Any]:
+        """Round 0 with loop.base_policy: copy the given pi0 in, so the run dir holds every policy it used."""
+        import shutil
+
+        src, dst = checkpoint_dir(self.cfg.loop.base_policy), work / "checkpoint"
+        if dst.exists():  # a copy killed half-way
+            shutil.rmtree(dst)
+        for p in base_policy_files(self.cfg.loop.base_policy):
+            (dst / p.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, dst / p.relative_to(src))
+        return {"steps": 0, "base_policy": self.cfg.loop.base_policy,
+                "base_policy_sha256": base_policy_digest(self.cfg.loop.base_policy)}
 
     def _train(self, st: Stage, work: Path) -> dict[str, Any]:
         from apo_ray.trainer import train
 
+        if st.round == 0 and self.cfg.loop.base_policy:
+            return self._import_base(work)
         if st.round == 0:
             init = "scratch"
             data = self.dir(f"r0/{BASE}/dataset")
@@ -391,7 +465,8 @@ class Loop:
         return evaluate(self.checkpoint(st.round, st.arm), e.task, st.scenario, ev.episodes, ev.workers, ev.seed,
                         work, videos=ev.videos, image_size=e.image_size, horizon=e.horizon, address=self.address,
                         resume=True, progress=self.progress, round_=st.round, wrist=e.wrist,
-                        oracle_version=self.cfg.collect.oracle_version, gpus=ev.gpus_per_worker)
+                        oracle_version=self.cfg.collect.oracle_version, gpus=ev.gpus_per_worker,
+                        envs_per_worker=ev.envs_per_worker, inference=self.cfg.inference)
 
     # ---- driver
 
@@ -435,6 +510,12 @@ class Loop:
                     self.storage.push(key)
             self.storage.push("journal.json")
         done_before = sum(journal.done(s.key) for s in stages)
+        base_key = train_key(0, BASE)
+        if self.cfg.loop.base_policy and journal.done(base_key):
+            had = journal.result(base_key).get("base_policy_sha256")
+            if had != base_policy_digest(self.cfg.loop.base_policy):
+                raise UserError("loop.base_policy's files changed since this run imported them", "config loop.base_policy",
+                                "restore that checkpoint, or start a new --run-dir (apo-ray fork keeps what still fits)")
         if done_before:
             self.log(f"resuming {self.storage.location}: {done_before}/{len(stages)} stages already complete")
         from apo_ray.ray_utils import ray_session, under_autoscaler

@@ -15,6 +15,7 @@ the tokenizer files, and ``apo_vla.json`` (kind, action statistics, token layout
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -297,8 +298,22 @@ class VLAMeta:
     image_views: int = 1
     """Camera views tiled side by side in one image: agentview (1) or agentview + wrist (2)."""
     base_path: str = ""
-    """kind hf: the base model directory the LoRA adapter belongs to."""
+    """kind hf: the base model directory the LoRA adapter belongs to, as given (a relative path stays relative,
+    resolved against the working directory, so a run dir and its base can move together)."""
     model: dict | None = None
+    action_tokens: str = actions.ASCENDING
+    """The action-token convention (``apo_ray.actions``): ``ascending`` (tiny VLA) or ``openvla``; recorded
+    here and read back, never re-derived from the tokenizer."""
+    unnorm_key: str = ""
+    """The key this checkpoint's action statistics take in an exported ``norm_stats``."""
+    pixels: dict | None = None
+    """kind hf: the model's own image preprocessing (Prismatic: ``sizes``, ``means``, ``stds``,
+    ``interpolations``, ``letterbox``): one 3-channel block per vision backbone, stacked (6 for DINOv2 +
+    SigLIP). None = the tiny VLA's single [-1, 1] block."""
+    prompt: str = ""
+    """kind hf: the model's prompt template ({instruction}); its ids are followed by ``prompt_suffix``."""
+    prompt_suffix: list | None = None
+    """Token ids after the prompt (OpenVLA: the empty token ``▁`` that ``predict_action`` appends)."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -334,15 +349,22 @@ class Processor:
     def prompt_ids(self, instruction: str) -> list[int]:
         ids = self._cache.get(instruction)
         if ids is None:
-            text = PROMPT.format(instruction=instruction.strip().rstrip("?.").strip())
+            inst = instruction.strip().rstrip("?.").strip()
+            if self.meta.prompt:  # the model's own template; OpenVLA lower-cases instructions in training
+                text = self.meta.prompt.format(instruction=inst.lower())
+            else:
+                text = PROMPT.format(instruction=inst)
             if hasattr(self.tokenizer, "encode") and hasattr(self.tokenizer, "get_vocab_size"):
                 ids = [self.meta.bos_id, *self.tokenizer.encode(text, add_special_tokens=False).ids]
             else:
                 ids = [self.meta.bos_id, *self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+            ids += list(self.meta.prompt_suffix or [])
             self._cache[instruction] = ids
         return ids
 
     def images(self, images: np.ndarray) -> torch.Tensor:
+        if self.meta.pixels is not None:
+            return prismatic_pixels(images, self.meta.pixels)
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         views, (h, w) = self.meta.image_views, x.shape[-2:]
         if image_views(h, w) != views:
@@ -368,12 +390,44 @@ class Processor:
 
 
 # ------------------------------------------------------------------------------------- actions <-> bins
-def tokens_to_actions(tokens: np.ndarray, meta: VLAMeta) -> np.ndarray:
-    """Action token ids (..., 7) → raw continuous actions at the bin centres (``apo_ray.actions``)."""
+def prismatic_pixels(images: np.ndarray, spec: dict) -> torch.Tensor:
+    """(N,H,W,3) uint8 → (N, 3·backbones, S, S) as Prismatic's image processor makes them: letterbox to a square
+    (fill = the mean), PIL resize per backbone size and interpolation, /255, normalise by that backbone's
+    mean/std, blocks stacked on channels (OpenVLA-7B: DINOv2 then SigLIP, 6 channels at 224 px)."""
+    from PIL import Image
+
+    modes = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+    out = []
+    for img in np.asarray(images):
+        im = Image.fromarray(np.ascontiguousarray(img)).convert("RGB")
+        blocks = []
+        for i, size in enumerate(spec["sizes"]):
+            mean, std = np.asarray(spec["means"][i], np.float32), np.asarray(spec["stds"][i], np.float32)
+            b = im
+            if spec.get("letterbox") and b.size[0] != b.size[1]:
+                w, h = b.size
+                side = max(w, h)
+                pad = Image.new("RGB", (side, side), tuple(int(m * 255) for m in spec["means"][i]))
+                pad.paste(b, ((side - w) // 2, (side - h) // 2))
+                b = pad
+            if b.size != (size, size):
+                b = b.resize((size, size), modes[(spec.get("interpolations") or ["bicubic"] * 8)[i]])
+            x = np.asarray(b, np.float32) / 255.0
+            blocks.append(((x - mean) / std).transpose(2, 0, 1))
+        out.append(np.concatenate(blocks, axis=0))
+    return torch.from_numpy(np.stack(out))
+
+
+def action_stats_for(meta: VLAMeta) -> dict:
     if "q01" not in meta.action_stats or "q99" not in meta.action_stats:
         raise UserError("action statistics lack q01/q99", META_FILE, "rebuild the dataset and retrain")
-    stats = {"mask": [True] * (ACTION_DIM - 1) + [False], **meta.action_stats}
-    return actions.detokenize(tokens, stats, meta.action_offset + N_BINS)
+    return {"mask": [True] * (ACTION_DIM - 1) + [False], **meta.action_stats}
+
+
+def tokens_to_actions(tokens: np.ndarray, meta: VLAMeta) -> np.ndarray:
+    """Action token ids (..., 7) → raw robosuite actions at the bin centres, in the checkpoint's convention."""
+    return actions.detokenize(tokens, action_stats_for(meta), meta.action_offset + N_BINS,
+                              convention=meta.action_tokens)
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -419,14 +473,108 @@ def score_actions(model: nn.Module, inputs: VLAInputs, token_sets: list[torch.Te
                     logits_to_keep=N_SCORED)
         logits = out.logits
     else:
-        px = inputs.pixel_values.repeat(k, 1, 1, 1)
-        logits = model(input_ids=ids[:, :-1], attention_mask=amask[:, :-1], pixel_values=px).logits[:, -N_SCORED:]
+        return _score_right_padded(model, inputs, token_sets, meta)
     logp = torch.log_softmax(logits.float(), dim=-1)
     targets = ids[:, -N_SCORED:]
     tok_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     lo, hi = meta.action_offset, meta.action_offset + N_BINS
     pred = logits[:, :ACTION_DIM, lo:hi].argmax(dim=-1) + lo
     return [TokenScores(tok_logp[i * n:(i + 1) * n], pred[i * n:(i + 1) * n]) for i in range(k)]
+
+
+def right_padded(inputs: VLAInputs, suffix: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompts + a (N, T) suffix → right-padded ``[prompt_i, suffix_i, pad...]`` ids, mask and each
+    prompt's length. Prismatic inserts the image patches after position 0 (which must be BOS, not a pad) and
+    its LLM numbers positions from 0 regardless of the mask, so pads go last, as OpenVLA's collator puts them."""
+    lens = inputs.attention_mask.sum(dim=1)
+    n, p = inputs.input_ids.shape
+    t = suffix.shape[1]
+    width = int(lens.max()) + t
+    ids = torch.full((n, width), pad_id, dtype=torch.long, device=suffix.device)
+    mask = torch.zeros((n, width), dtype=inputs.attention_mask.dtype, device=suffix.device)
+    for i in range(n):
+        li = int(lens[i])
+        ids[i, :li] = inputs.input_ids[i, p - li:]
+        ids[i, li:li + t] = suffix[i]
+        mask[i, :li + t] = 1
+    return ids, mask, lens
+
+
+def _score_right_padded(model: nn.Module, inputs: VLAInputs, token_sets: list[torch.Tensor],
+                        meta: VLAMeta) -> list[TokenScores]:
+    """An HF VLA (Prismatic): score each set as ``[prompt, actions]`` right-padded, reading every sample's 8
+    logits at its own positions (shifted by the image patches the model inserts after BOS)."""
+    k, n = len(token_sets), inputs.input_ids.shape[0]
+    dev = inputs.input_ids.device
+    suffix = torch.cat([t.long().to(dev) for t in token_sets], dim=0)  # (k·n, 7)
+    rep = VLAInputs(inputs.pixel_values.repeat(k, 1, 1, 1), inputs.input_ids.repeat(k, 1),
+                    inputs.attention_mask.repeat(k, 1))
+    ids, mask, lens = right_padded(rep, suffix, meta.pad_id)
+    logits = model(input_ids=ids, attention_mask=mask, pixel_values=rep.pixel_values).logits
+    patches = logits.shape[1] - ids.shape[1]
+    pos = patches + lens.unsqueeze(1) - 1 + torch.arange(N_SCORED, device=dev)  # (k·n, 8)
+    logits = logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    targets = torch.cat([suffix, torch.full((k * n, 1), meta.eos_id, dtype=torch.long, device=dev)], dim=1)
+    tok_logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    lo = meta.action_offset
+    pred = logits[:, :ACTION_DIM, lo:lo + N_BINS].argmax(-1) + lo
+    return [TokenScores(tok_logp[i * n:(i + 1) * n], pred[i * n:(i + 1) * n]) for i in range(k)]
+
+
+@contextlib.contextmanager
+def reference_mode(model: nn.Module):
+    """The live reference under LoRA: the same model with its adapters disabled (peft), no second copy.
+    Yields the model to score with; raises if ``model`` carries no peft adapters."""
+    m = model
+    for _ in range(4):
+        if hasattr(m, "disable_adapter") and hasattr(m, "peft_config"):
+            with m.disable_adapter():
+                yield model
+            return
+        m = getattr(m, "module", None)
+        if m is None:
+            break
+    raise ValueError("reference_mode needs a peft (LoRA) model")
+
+
+def has_lora(model: nn.Module) -> bool:
+    m = model
+    for _ in range(4):
+        if hasattr(m, "peft_config"):
+            return True
+        m = getattr(m, "module", None)
+        if m is None:
+            return False
+    return False
+
+
+def decode_hf(model: nn.Module, inputs: VLAInputs, meta: VLAMeta) -> torch.Tensor:
+    """Greedy decode of 7 action tokens for an HF VLA with its KV cache: one prompt pass, then one token per
+    step, restricted to the action ids. One sample at a time, as Prismatic's cached forward only takes batch 1."""
+    lo, hi = meta.action_offset, meta.action_offset + N_BINS
+    if isinstance(_core(model), TinyVLA):  # an exported tiny VLA: its remote code keeps its own cache API
+        ids, mask = inputs.input_ids, inputs.attention_mask
+        for _ in range(ACTION_DIM):
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs.pixel_values).logits
+            ids = torch.cat([ids, logits[:, -1, lo:hi].argmax(dim=-1, keepdim=True) + lo], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        return ids[:, -ACTION_DIM:]
+    out_rows = []
+    p = inputs.input_ids.shape[1]
+    for i in range(inputs.input_ids.shape[0]):
+        li = int(inputs.attention_mask[i].sum())
+        ids = inputs.input_ids[i:i + 1, p - li:]
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs.pixel_values[i:i + 1],
+                    use_cache=True)
+        toks = []
+        for step in range(ACTION_DIM):
+            nxt = out.logits[:, -1, lo:hi].argmax(dim=-1, keepdim=True) + lo
+            toks.append(nxt)
+            if step == ACTION_DIM - 1:
+                break
+            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        out_rows.append(torch.cat(toks, dim=1))
+    return torch.cat(out_rows, dim=0)
 
 
 def _score_shared_prefix(model: nn.Module, core: TinyVLA, inputs: VLAInputs, token_sets: list[torch.Tensor],
@@ -514,9 +662,11 @@ def reference_logp_fn(checkpoint: str | Path):
 
 def decoded_l1(pred_tokens: torch.Tensor, label_tokens: torch.Tensor, meta: VLAMeta) -> torch.Tensor:
     """Mean |bin centre(pred) − bin centre(label)| over the 7 dims, in normalised action space (N,)."""
-    centers = torch.as_tensor(actions.bin_centers(np.arange(N_BINS)), dtype=torch.float32, device=pred_tokens.device)
-    p = centers[(pred_tokens - meta.action_offset).clamp(0, N_BINS - 1)]
-    t = centers[(label_tokens.long() - meta.action_offset).clamp(0, N_BINS - 1)]
+    lo = meta.action_offset
+    table = actions.tokens_to_norm(np.arange(lo, lo + N_BINS), lo + N_BINS, meta.action_tokens)
+    centers = torch.as_tensor(table, dtype=torch.float32, device=pred_tokens.device)
+    p = centers[(pred_tokens - lo).clamp(0, N_BINS - 1)]
+    t = centers[(label_tokens.long() - lo).clamp(0, N_BINS - 1)]
     return (p - t).abs().mean(dim=1)
 
 
@@ -567,15 +717,53 @@ def with_lora(model: nn.Module, r: int, alpha: int) -> nn.Module:
                                                 target_modules="all-linear", init_lora_weights="gaussian"))
 
 
-def load_hf(mc: ModelConfig, action_stats: dict, image_size: int = 224):
-    """Load a local HF VLA directory (``trust_remote_code``) and wrap it with a LoRA adapter via peft."""
+OPENVLA_PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
+"""OpenVLA's prompt (its PurePromptBuilder; README); ``predict_action`` appends the empty token ``▁``."""
+
+
+def _prismatic_pixels(path: Path, cfg: Any) -> dict | None:
+    """The image preprocessing of a Prismatic dir (config.image_sizes + preprocessor_config.json), or None."""
+    sizes = getattr(cfg, "image_sizes", None)
+    if not sizes:
+        return None
+    pp = path / "preprocessor_config.json"
+    if not pp.is_file():
+        raise UserError("a Prismatic model dir needs its preprocessor_config.json (image means/stds)", str(pp),
+                        "copy the model's preprocessor_config.json beside its config.json")
+    import json
+
+    spec = json.loads(pp.read_text())
+    n = len(spec.get("means") or [])
+    if n != len(sizes) or len(spec.get("stds") or []) != n:
+        raise UserError(f"preprocessor_config.json has {n} means for {len(sizes)} vision backbones", str(pp),
+                        "use the preprocessor_config.json released with the model")
+    return {"sizes": [int(x) for x in sizes], "means": spec["means"], "stds": spec["stds"],
+            "interpolations": spec.get("interpolations") or ["bicubic"] * n,
+            "letterbox": spec.get("image_resize_strategy", "letterbox") == "letterbox"}
+
+
+def _dtype_kw(dtype: torch.dtype) -> dict:
+    import transformers
+
+    return {"dtype": dtype} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": dtype}
+
+
+def load_hf(mc: ModelConfig, action_stats: dict | None, image_size: int = 224, unnorm_key: str = "apo_ray"):
+    """Load a local HF VLA directory (``trust_remote_code``), wrapped with LoRA (``model.lora_rank``) via peft.
+
+    Its token layout (action vocabulary, convention) comes from its config.json (:func:`hf_token_layout`), its
+    pixels from its own processor config, its prompt from its family. Without ``action_stats`` an OpenVLA's
+    ``norm_stats[unnorm_key]`` are used."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from apo_ray.checkpoint import hf_token_layout
 
     path = Path(mc.path)
     if not (path / "config.json").is_file():
         raise UserError(f"no HF model at '{path}' (config.json missing)", "config model.path",
                         "point model.path at a local HF VLA directory")
+    layout = hf_token_layout(path, mc.action_tokens)
     dtype = compute_dtype("cuda" if torch.cuda.is_available() else "cpu")
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=True)
     auto_map = getattr(cfg, "auto_map", {}) or {}
@@ -584,18 +772,34 @@ def load_hf(mc: ModelConfig, action_stats: dict, image_size: int = 224):
                             "AutoModel") if k in auto_map), None)
     if key is not None:
         cls = get_class_from_dynamic_module(auto_map[key], str(path))
-        model = cls.from_pretrained(path, dtype=dtype)
+        model = cls.from_pretrained(path, **_dtype_kw(dtype))
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kw(dtype))
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    if mc.lora_r > 0:
-        model = with_lora(model, mc.lora_r, mc.lora_alpha)
-    vocab = int(getattr(tok, "vocab_size", len(tok)))
-    size = int(getattr(cfg, "image_size", 0) or image_size)
-    meta = VLAMeta(kind="hf", image_size=size, use_proprio=False, action_offset=vocab - N_BINS,
+    if mc.lora_rank > 0:
+        model = with_lora(model, mc.lora_rank, mc.lora_alpha)
+    if not action_stats:
+        stats = (getattr(cfg, "norm_stats", None) or {}).get(unnorm_key, {}).get("action")
+        if stats is None:
+            raise UserError(f"no action statistics: none given and no norm_stats['{unnorm_key}'] in the model",
+                            str(path / "config.json"), "build a dataset first, or pass an unnorm key the model has")
+        action_stats = {k: stats[k] for k in ("q01", "q99", "mask") if k in stats}
+    openvla = layout["action_tokens"] == actions.OPENVLA
+    suffix = None
+    if openvla:
+        empty = tok.convert_tokens_to_ids("\u2581")
+        if empty is None or empty == tok.unk_token_id:
+            raise UserError("the tokenizer has no empty token '\u2581' to end OpenVLA's prompt", str(path),
+                            "use the tokenizer released with the model")
+        suffix = [int(empty)]
+    pixels = _prismatic_pixels(path, cfg)
+    size = int(pixels["sizes"][0] if pixels else (getattr(cfg, "image_size", 0) or image_size))
+    meta = VLAMeta(kind="hf", image_size=size, use_proprio=False, action_offset=layout["vocab_size"] - N_BINS,
                    eos_id=int(tok.eos_token_id), pad_id=int(tok.pad_token_id if tok.pad_token_id is not None else 0),
                    bos_id=int(tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id),
-                   action_stats=_plain(action_stats), base_path=str(path.resolve()), model=asdict(mc))
+                   action_stats=_plain(action_stats), base_path=str(mc.path), model=asdict(mc),
+                   action_tokens=layout["action_tokens"], unnorm_key=unnorm_key, pixels=pixels,
+                   prompt=OPENVLA_PROMPT if openvla else "", prompt_suffix=suffix)
     return model, Processor(tok, meta)
 
 
@@ -617,21 +821,31 @@ def _save_tokenizer(tok, out: Path) -> None:
     (_wrap_fast(tok) if hasattr(tok, "get_vocab_size") else tok).save_pretrained(out)
 
 
-def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a tiny checkpoint as a self-contained HF VLA directory, the layout ``model.kind: hf`` loads:
-    config.json with an ``auto_map`` + the modeling code beside it (``trust_remote_code``), safetensors and the
-    tokenizer, with the action tokens as the last 256 ids. The hf path (LoRA, bf16, DeepSpeed) can then be
-    exercised end to end without a model hub. The copied modeling code imports apo_ray."""
+def export_hf(ckpt_dir: str | Path, out_dir: str | Path, merged: bool = False) -> Path:
+    """Write a checkpoint as a self-contained HF VLA directory.
+
+    A tiny checkpoint: config.json with an ``auto_map`` + the modeling code beside it (``trust_remote_code``),
+    safetensors and the tokenizer, its layout stated (``apo_action_tokens``, ``apo_action_vocab_size``), the dir
+    ``model.kind: hf`` loads; it exercises the hf path end to end without a model hub (the code imports apo_ray).
+    An hf checkpoint (``merged``): the base with the LoRA adapter merged in, saved beside the base's own code,
+    tokenizer and processor files, with ``norm_stats[unnorm_key]`` = this checkpoint's action statistics, so
+    the model's own ``predict_action(..., unnorm_key=...)`` loads and runs it."""
     d = checkpoint_dir(ckpt_dir)
     meta = read_meta(d)
+    if meta.get("kind") == "hf":
+        if not merged:
+            raise UserError("an hf checkpoint exports merged (base + adapter in one set of weights)", str(d),
+                            "pass --merged")
+        return _export_merged(d, Path(out_dir))
     if meta.get("kind") != "tiny":
-        raise UserError(f"only a tiny checkpoint exports to an HF VLA dir (this one is kind {meta.get('kind')})",
-                        str(d), "pass a checkpoint trained with model.kind: tiny")
+        raise UserError(f"unknown checkpoint kind {meta.get('kind')}", str(d), "pass a checkpoint of apo-ray train")
     if meta.get("image_views", 1) != 1 or meta.get("use_proprio"):
         raise UserError("model.kind hf takes one camera view and no proprio token; this checkpoint uses "
                         + ("the wrist view" if meta.get("image_views", 1) != 1 else "proprio"), str(d),
                         "export a checkpoint trained with env.wrist: false and model.use_proprio: false")
     model, proc, _ = load_policy(d)
+    model.config.apo_action_tokens = proc.meta.action_tokens
+    model.config.apo_action_vocab_size = proc.meta.action_offset + N_BINS
     # registration is class state: undo it, or every later checkpoint of this process would carry the code too
     TinyVLAConfig.register_for_auto_class()
     TinyVLA.register_for_auto_class("AutoModelForCausalLM")
@@ -642,6 +856,35 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
             _save_tokenizer(proc.tokenizer, tmp)
     finally:
         TinyVLAConfig._auto_class = TinyVLA._auto_class = None
+    return out
+
+
+def _export_merged(d: Path, out: Path) -> Path:
+    import json
+    import shutil
+
+    model, proc, _ = load_policy(d)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    meta = proc.meta
+    base = Path(meta.base_path)
+    stats = action_stats_for(meta)
+    with fsio.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for f in base.iterdir():  # the base's own code, tokenizer and processor files
+            if f.is_file() and (f.suffix == ".py" or f.name in (
+                    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "preprocessor_config.json", "processor_config.json",
+                    "generation_config.json")) and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
+        cfg = json.loads((tmp / "config.json").read_text())
+        base_cfg = json.loads((base / "config.json").read_text())
+        if "auto_map" in base_cfg:
+            cfg["auto_map"] = base_cfg["auto_map"]
+        norm = dict(cfg.get("norm_stats") or {})
+        norm[meta.unnorm_key or "apo_ray"] = {"action": {k: _plain(stats[k]) for k in ("q01", "q99", "mask")}}
+        cfg["norm_stats"] = norm
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
 
@@ -697,7 +940,12 @@ def load_policy(ckpt_dir: str | Path, trainable: bool = False):
                                 "restore the checkpoint's own tokenizer.json or retrain")
         else:
             mc = ModelConfig(**{**(meta.model or {}), "kind": "hf", "path": meta.base_path, "lora_r": 0})
-            model, proc = load_hf(mc, meta.action_stats, meta.image_size)
+            model, proc = load_hf(mc, meta.action_stats, meta.image_size, meta.unnorm_key or "apo_ray")
+            if (proc.meta.action_tokens, proc.meta.action_offset) != (meta.action_tokens, meta.action_offset):
+                raise UserError(f"the base model's action tokens ({proc.meta.action_tokens} from "
+                                f"{proc.meta.action_offset}) differ from the checkpoint's ({meta.action_tokens} from "
+                                f"{meta.action_offset})", str(d / META_FILE), "point base_path at the checkpoint's base")
+            proc = Processor(proc.tokenizer, meta)  # the checkpoint's recorded layout, not a re-derived one
             if (d / "adapter").is_dir():
                 from peft import PeftModel
 

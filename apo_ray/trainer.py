@@ -11,8 +11,10 @@ without checkpointing it; the driver then raises one clear error naming the last
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -33,6 +35,7 @@ REF_COLUMNS = ("ref_logp", "ref_logp_u", "ref_kl_logp")
 # written by today's reference stage; older datasets may lack them (then a run that needs one uses a live replica)
 OPTIONAL_REF_COLUMNS = ("ref_logp_oracle", "ref_logp_u_differ")
 BASE_COLUMNS = ("image", "proprio", "instruction", "action_tokens", "oracle_tokens", "c", "is_expert")
+POOL_NAMES = ("correct", "interaction", "incorrect")  # apo_ray.data's pools (not imported: it pulls in Ray Data)
 NAN_MARKER = "NONFINITE.json"
 FAIL_ENV = "APO_RAY_FAIL_AT_STEP"
 """Fault injection for tests/chaos: the last worker raises once at this step (first attempt only)."""
@@ -78,7 +81,13 @@ def _inspect_dataset(data_dir: Path) -> dict[str, Any]:
     if not views:
         raise UserError(f"images are {w}x{h}; expected square (agentview) or 2:1 (agentview + wrist)",
                         str(shards[0]), "collect the data with apo-ray collect")
+    schedules = int((manifest.get("counts") or {}).get("schedules", 1))  # datasets before data.epochs hold one
+    if schedules < 1 or rows % schedules:
+        raise UserError(f"{rows} micro-batches do not split into {schedules} epoch schedules", str(mf),
+                        "rebuild the dataset with apo-ray dataset")
     return {"manifest": manifest, "shards": [str(s) for s in shards], "rows": rows,
+            "schedules": schedules, "per_schedule": rows // schedules,
+            "coverage_cols": [c for c in ("pool", "sample_id", "episode_id", "t") if c in schema.names],
             "batch_size": int(img.shape[1]), "image_size": h, "image_views": views,
             "instructions": sorted(instructions), "c_counts": c_counts.tolist(),
             "proprio_stats": proprio_stats(np.concatenate(proprio)),
@@ -152,17 +161,24 @@ def _fresh_or_resume(out_dir: Path, key: dict) -> None:
 
 
 def _check_vocab(info: dict, init_meta: dict | None, cfg: Config) -> None:
-    """The dataset's action tokens must be the model's last 256 ids."""
-    from apo_ray.checkpoint import VOCAB_SIZE, meta_vocab_size
+    """The dataset's action tokens must be the model's last 256 ids, in the model's convention (scratch hf
+    included: its layout is read from model.path's config.json)."""
+    from apo_ray.checkpoint import meta_action_tokens, meta_vocab_size, token_layout
 
-    want = (info["manifest"].get("config") or {}).get("vocab_size")
+    dcfg = info["manifest"].get("config") or {}
+    want = dcfg.get("vocab_size")
     if init_meta is None:
-        have = VOCAB_SIZE if cfg.model.kind == "tiny" else None
+        layout = token_layout(cfg.model, None)
+        have, conv = layout["vocab_size"], layout["action_tokens"]
     else:
-        have = meta_vocab_size(init_meta)
-    if want is not None and have is not None and int(want) != have:
+        have, conv = meta_vocab_size(init_meta), meta_action_tokens(init_meta)
+    if want is not None and int(want) != have:
         raise UserError(f"the dataset's action tokens were made for vocab_size {want}, the model has {have}",
                         "manifest.json config.vocab_size", f"rebuild the dataset with --vocab-size {have}")
+    if dcfg.get("action_tokens", "ascending") != conv:
+        raise UserError(f"the dataset's action tokens use the {dcfg.get('action_tokens', 'ascending')} convention, "
+                        f"the model the {conv} one", "manifest.json config.action_tokens",
+                        "rebuild the dataset with the model's config (apo-ray dataset --config)")
 
 
 ARCH_FIELDS = ("kind", "hidden_size", "num_layers", "num_heads", "vision", "vision_hidden_size", "vision_layers",
@@ -230,10 +246,17 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
         _check_action_stats(info, init, init_meta)
     _check_vocab(info, init_meta, cfg)
     ref_mode = _reference_mode(cfg, info, init)
+    if ref_mode == "live" and init_meta is not None and init_meta.get("kind") == "hf" and (
+            checkpoint_dir(init) / "adapter").is_dir():
+        # its adapters are the reference's, so disabling them would score against the bare base
+        raise UserError("a live reference under LoRA is the base with its adapters disabled, which is not this "
+                        "--init checkpoint (it carries trained adapters)", "config train.reference",
+                        f"build the dataset with --ref-checkpoint {init} and use train.reference: cached")
     world = t.workers
-    steps_per_epoch = info["rows"] // world // t.grad_accum
+    steps_per_epoch = info["per_schedule"] // world // t.grad_accum
     if steps_per_epoch == 0:
-        raise UserError(f"{info['rows']} micro-batches cannot feed {world} workers × grad_accum {t.grad_accum}",
+        raise UserError(f"{info['per_schedule']} micro-batches per epoch cannot feed {world} workers × grad_accum "
+                        f"{t.grad_accum}",
                         str(data_dir), "use fewer workers, a smaller train.grad_accum or more data")
     total = steps_per_epoch * t.epochs
     if t.max_steps:
@@ -249,7 +272,7 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
                 "proprio_stats": (info["proprio_stats"]
                                   if init == "scratch" and cfg.model.use_proprio and cfg.model.kind == "tiny" else None),
                 "instructions": info["instructions"], "group": info["batch_size"],
-                "steps_per_epoch": steps_per_epoch, "total_steps": total,
+                "steps_per_epoch": steps_per_epoch, "total_steps": total, "schedules": info["schedules"],
                 "fail_at_step": int(os.environ.get(FAIL_ENV, "0") or 0)}
     from apo_ray.ray_utils import ray_session
 
@@ -286,9 +309,17 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
 
     from apo_ray.ray_utils import cluster_offers
 
-    cols = list(BASE_COLUMNS) + (list(REF_COLUMNS) + info["ref_optional"]
-                                 if loop_cfg["ref_mode"] == "cached" else [])
+    cols = ["batch_id", *BASE_COLUMNS, *info["coverage_cols"]] + (list(REF_COLUMNS) + info["ref_optional"]
+                                                                  if loop_cfg["ref_mode"] == "cached" else [])
     ds = ray.data.read_parquet(info["shards"], columns=cols, num_cpus=0.25)
+    # Each rank reads its own rows of every epoch's schedule (not Ray's streaming_split, which hands out whole
+    # blocks: a small epoch is one block, so one rank would get all of it): with the shards in epoch order, rank r
+    # gets rows b ≡ r (mod world) of each schedule, the first steps_per_epoch·grad_accum of them, in file order.
+    take = loop_cfg["steps_per_epoch"] * t.grad_accum * t.workers
+    datasets = {f"rank{r}": ds.map_batches(functools.partial(_rank_rows, rank=r, world=t.workers,
+                                                             per_schedule=info["per_schedule"], take=take),
+                                           batch_format="pyarrow", num_cpus=0.25)
+                for r in range(t.workers)}
     offered = cluster_offers()
     use_gpu, resources = train_placement(t, offered)
     cpus = offered.get("CPU", 0)
@@ -305,8 +336,9 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
         run_config=RunConfig(name="train", storage_path=str((out_dir / "ray").resolve()),
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ds},
-        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[],
+                                            execution_options=ExecutionOptions(preserve_order=True)),
     )
     try:
         result = trainer.fit()
@@ -318,8 +350,74 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d, fsio.atomic_dir(out_dir / "checkpoint") as tmp:
             shutil.copytree(Path(d) / "hf", tmp, dirs_exist_ok=True)
+            cov = Coverage.from_state(json.loads((Path(d) / "state.json").read_text()).get("coverage"))
+        metrics.update(cov.summary())  # the whole run's, restarts included
+        metrics["schedules"] = info["schedules"]
     fsio.write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _rank_rows(table: Any, rank: int, world: int, per_schedule: int, take: int) -> Any:
+    """map_batches UDF (pyarrow): the rows of ``rank`` — row b of each epoch's schedule (batch_id = e·n + b) with
+    b ≡ rank (mod world) and b < take, so every rank trains the same number of steps on disjoint rows."""
+    import pyarrow as pa
+
+    b = table["batch_id"].to_numpy() % per_schedule
+    return table.filter(pa.array((b % world == rank) & (b < take)))
+
+
+class Coverage:
+    """Samples trained on per pool (``samples_seen``) and how many distinct ones (``distinct_seen``), kept in the
+    checkpoint so a resumed run reports the whole run's. A sample is its ``sample_id`` (or episode/t in datasets
+    built before the column)."""
+
+    def __init__(self) -> None:
+        self.samples = [0, 0, 0]
+        self.ids: list[set] = [set(), set(), set()]
+
+    def add(self, b: dict[str, Any]) -> None:
+        if "pool" not in b:
+            return
+        pool = np.asarray(b["pool"]).reshape(-1).astype(np.int64)
+        if "sample_id" in b:
+            ids = np.asarray(b["sample_id"]).reshape(-1).tolist()
+        else:
+            ids = [f"{e}/{t}" for e, t in zip(np.asarray(b["episode_id"], dtype=object).reshape(-1).tolist(),
+                                              np.asarray(b["t"]).reshape(-1).tolist(), strict=True)]
+        for p, i in zip(pool.tolist(), ids, strict=True):
+            self.samples[p] += 1
+            self.ids[p].add(i)
+
+    def merged(self, world: int) -> Coverage:
+        """The union over all ranks (a collective: every rank calls it at the same step)."""
+        if world == 1:
+            return self
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, (self.samples, self.ids))
+        out = Coverage()
+        for samples, ids in parts:
+            out.samples = [a + b for a, b in zip(out.samples, samples, strict=True)]
+            out.ids = [a | b for a, b in zip(out.ids, ids, strict=True)]
+        return out
+
+    def to_state(self) -> dict:
+        return {"samples": dict(zip(POOL_NAMES, self.samples, strict=True)),
+                "ids": {n: sorted(ids, key=str) for n, ids in zip(POOL_NAMES, self.ids, strict=True)}}
+
+    @classmethod
+    def from_state(cls, state: dict | None, counts: bool = True) -> Coverage:
+        """``counts=False`` (ranks other than 0 on a resume): the ids only, so the ranks' sums count each once."""
+        out = cls()
+        if state:
+            out.samples = [int(state["samples"][n]) if counts else 0 for n in POOL_NAMES]
+            out.ids = [set(state["ids"][n]) for n in POOL_NAMES]
+        return out
+
+    def summary(self) -> dict:
+        return {"samples_seen": dict(zip(POOL_NAMES, self.samples, strict=True)),
+                "distinct_seen": {n: len(ids) for n, ids in zip(POOL_NAMES, self.ids, strict=True)}}
 
 
 # ------------------------------------------------------------------------------------------- worker side
@@ -406,7 +504,10 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
             proc = M.Processor(proc.tokenizer, M.VLAMeta(**{**proc.meta.to_json(), "action_stats": lc["action_stats"]}))
     model.train()
     ref = None
-    if lc["ref_mode"] == "live":
+    # Under LoRA from scratch the adapters start as a no-op, so the live reference is the same model with them
+    # disabled (peft): no second copy of a 7B. Without LoRA the reference is a frozen copy.
+    lora_ref = lc["ref_mode"] == "live" and M.has_lora(model)
+    if lc["ref_mode"] == "live" and not lora_ref:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
     meta = proc.meta
 
@@ -428,12 +529,14 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
 
     # -- resume
     step, epoch0, skip = 0, 0, 0
+    cov = Coverage()
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag="ds")
             st = json.loads((Path(d) / "state.json").read_text())
         step, epoch0, skip = st["step"], st["epoch"], st["step_in_epoch"]
+        cov = Coverage.from_state(st.get("coverage"), counts=rank == 0)
     resumed_from = step
 
     out_dir = Path(lc["out_dir"])
@@ -457,33 +560,41 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
         return x / world
 
     kl_reduce = allreduce_mean if (t.kl_allreduce and world > 1) else None
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(f"rank{rank}")
     acc_keys = ("acc_c0", "acc_c1", "acc_c2", "acc_expert")
     totals = {"samples": 0, "time": 0.0, "clamp_steps": 0, "ref_steps": 0, "resumed_from_step": resumed_from}
     last: dict[str, float] = {}
 
     def save(metrics: dict, epoch: int, step_in_epoch: int) -> None:
+        seen = cov.merged(world)
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag="ds")
             sd = engine._zero3_consolidated_16bit_state_dict() if t.zero_stage == 3 else None
             if rank == 0:
                 M.save_checkpoint(engine.module, proc, Path(tmp) / "hf", state_dict=sd)
-                fsio.write_json(Path(tmp) / "state.json", {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch})
+                fsio.write_json(Path(tmp) / "state.json", {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                                                           "coverage": seen.to_state()})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     stop = False
     epoch, step_in_epoch = epoch0, skip
+    it = None
     for epoch in range(epoch0, t.epochs):
-        it = shard.iter_batches(batch_size=t.grad_accum, batch_format="numpy", drop_last=True, prefetch_batches=2)
-        step_in_epoch = 0
+        # The rank's stream holds exactly steps_per_epoch batches of each epoch's schedule, in epoch order; one
+        # pass over it covers lc["schedules"] epochs, and training past the last schedule starts another pass.
+        lead = 0
+        if it is None or epoch % lc["schedules"] == 0:
+            it = iter(shard.iter_batches(batch_size=t.grad_accum, batch_format="numpy", drop_last=True,
+                                         prefetch_batches=2))
+            lead = (epoch % lc["schedules"]) * lc["steps_per_epoch"]
+        for _ in range(lead + skip):  # resumed: read past what the last checkpoint already trained on
+            next(it)
+        step_in_epoch = skip
         t0 = time.perf_counter()
-        for raw in it:
-            if step_in_epoch < skip:  # resumed mid-epoch: skip what the last checkpoint already trained on
-                step_in_epoch += 1
-                t0 = time.perf_counter()
-                continue
-            if step >= lc["total_steps"] or step_in_epoch >= lc["steps_per_epoch"]:
-                break
+        while step_in_epoch < lc["steps_per_epoch"] and step < lc["total_steps"]:
+            raw = next(it, None)
+            if raw is None:
+                raise RuntimeError(f"rank {rank}'s data ran out at epoch {epoch}, step {step_in_epoch}")
             b = _batch_arrays(raw)
             inp = proc(b["image"], b["instruction"], b["proprio"]).to(device, dtype)
             own = torch.as_tensor(b["action_tokens"], dtype=torch.long, device=device)
@@ -507,8 +618,8 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
                 s.ref_oracle_logp = ref_cols.get("ref_logp_oracle")
                 s.ref_logp_u_differ = ref_cols.get("ref_logp_u_differ")
             elif lc["ref_mode"] == "live":
-                with torch.no_grad():
-                    rs = M.score_actions(ref, inp, sets, meta)
+                with torch.no_grad(), (M.reference_mode(engine) if lora_ref else contextlib.nullcontext()):
+                    rs = M.score_actions(engine if lora_ref else ref, inp, sets, meta)
                 s.ref_logp, s.ref_logp_u = rs[0].logp.float(), rs[0].logp_u.float()
                 if t.objective == "dpo":
                     s.ref_oracle_logp = rs[1].logp.float()
@@ -536,6 +647,7 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
                     raise RuntimeError(f"injected worker failure at step {step + 1}")
             engine.backward(loss)
             engine.step()
+            cov.add(b)
             step += 1
             step_in_epoch += 1
             dt = time.perf_counter() - t0
@@ -580,6 +692,5 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
 def _summary(last: dict, totals: dict) -> dict:
     out = {k: v for k, v in last.items() if isinstance(v, float | int) and math.isfinite(v)}
     out["samples_per_s_mean"] = totals["samples"] / totals["time"] if totals["time"] else 0.0
-    out["samples_seen"] = totals["samples"]
     out["resumed_from_step"] = totals["resumed_from_step"]
     return out

@@ -22,6 +22,7 @@ from apo_ray.model import (
     TinyVLA,
     checkpoint_dir,
     compute_dtype,
+    decode_hf,
     load_policy,
     tokens_to_actions,
 )
@@ -65,8 +66,8 @@ class VLAPolicy:
         proprio = np.stack([ob["proprio"] for ob in obs_batch]) if self.meta.use_proprio else None
         inp = self.proc(images, self._instructions(obs_batch), proprio).to(self.device, self._dtype())
         lo, hi = self.meta.action_offset, self.meta.action_offset + N_BINS
-        if not self._tiny:
-            return self._decode_no_cache(inp, lo, hi)
+        if not self._tiny:  # an HF VLA: its own KV cache, prompts unpadded (Prismatic puts patches after BOS)
+            return decode_hf(self.model, inp, self.meta).cpu().numpy()
         img = self.model.encode_images(inp.pixel_values, inp.proprio)
         mask = torch.cat([inp.attention_mask.new_ones(img.shape[:2]), inp.attention_mask], dim=1)
         out = self.model(input_ids=inp.input_ids, attention_mask=inp.attention_mask, image_embeds=img,
@@ -85,7 +86,7 @@ class VLAPolicy:
         return torch.cat(toks, dim=1).cpu().numpy()
 
     def _decode_no_cache(self, inp, lo: int, hi: int) -> np.ndarray:
-        # remote-code VLAs differ in their cache API; recomputing 7 short steps is the portable path
+        # recomputing 7 short steps without a cache: the reference the cached decoders are tested against
         ids, mask = inp.input_ids, inp.attention_mask
         for _ in range(ACTION_DIM):
             logits = self.model(input_ids=ids, attention_mask=mask, pixel_values=inp.pixel_values).logits

@@ -194,7 +194,8 @@ def test_hf_kind_loads_remote_code_with_lora(tiny, tmp_path):
     # slots + 256 action bins for the tiny layout both carry)
     assert C.vocab_size(dataclasses.replace(MC, kind="hf", path=str(src)), None) == 512
     assert C.checkpoint_vocab_size(hf_ck) == C.checkpoint_vocab_size(tmp_path / "ck") == C.vocab_size(MC, None) == 512
-    with pytest.raises(UserError, match="only a tiny checkpoint exports"):
+    assert json.loads((hf_ck / M.META_FILE).read_text())["base_path"] == str(src)  # as given, not resolved
+    with pytest.raises(UserError, match="pass --merged"):
         M.export_hf(hf_ck, tmp_path / "again")
     pm, pp = M.build_model(dataclasses.replace(MC, use_proprio=True), STATS, 64, ["lift the cube"], seed=0)
     with pytest.raises(UserError, match="no proprio token; this checkpoint uses proprio"):
@@ -220,6 +221,12 @@ def test_hf_kind_loads_remote_code_with_lora(tiny, tmp_path):
     hm2, hp2, _ = M.load_policy(ck)
     d = M.score_actions(hm2, hp2(imgs, instr), [toks], hp2.meta)[0].logp
     torch.testing.assert_close(c, d, atol=1e-5, rtol=1e-5)
+    # merged export: base + adapter in one set of weights, loadable as a plain hf model that scores the same
+    merged = M.export_hf(ck, tmp_path / "merged", merged=True)
+    assert json.loads((merged / "config.json").read_text())["norm_stats"]["apo_ray"]["action"]["q01"] == STATS["q01"]
+    mm, mp = M.load_hf(dataclasses.replace(MC, kind="hf", path=str(merged), lora_r=0), STATS, 64)
+    e = M.score_actions(mm.eval(), mp(imgs, instr), [toks], mp.meta)[0].logp
+    torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4)
     with pytest.raises(UserError, match="no HF model"):
         M.build_model(dataclasses.replace(MC, kind="hf", path=str(tmp_path / "none")), STATS, 64)
 

@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "checkpoint's, else the config's model: the tiny VLA's or model.path's tokenizer)")
     p.add_argument("--ref-checkpoint", metavar="DIR",
                    help="frozen reference checkpoint: adds ref_logp* columns so training needs no reference pass")
-    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
     add_config_args(p, ("data", "model"))
     p.set_defaults(func=run)
 
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from apo_ray import fsio
-    from apo_ray.checkpoint import vocab_size
+    from apo_ray.checkpoint import token_layout
     from apo_ray.cli import load_config, usage_error
     from apo_ray.data import build_dataset
 
@@ -55,9 +55,11 @@ def run(args: argparse.Namespace) -> int:
         if args.k < 0:
             raise usage_error(f"--k {args.k} is negative", "pass K >= 0")
         data_cfg = dataclasses.replace(data_cfg, k=args.k)
-    vocab = args.vocab_size or vocab_size(cfg.model, args.ref_checkpoint)
+    layout = token_layout(cfg.model, args.ref_checkpoint)
+    if args.vocab_size:
+        layout["vocab_size"] = args.vocab_size
     summary = build_dataset(args.episodes, args.demos, args.out, data_cfg, ref_checkpoint=args.ref_checkpoint,
-                            vocab_size=vocab, address=args.address)
+                            **layout, address=args.address)
     keys = ("rows", "desirable", "undesirable", "pools", "dropped", "shards", "rows_per_s")
     print(json.dumps({k: summary[k] for k in keys}))
     return 0
