@@ -28,7 +28,10 @@ DISK_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only fi
 
 
 def refuse_source_tree(path: str | os.PathLike[str], where: str) -> None:
-    """Outputs inside the package/env sources would be imported, linted and shipped with them: refuse."""
+    """Check an output path before any work: not inside the package/env sources (outputs there would be imported,
+    linted and shipped with them), and creatable: every command's output path comes through here, so a path under
+    a file, a virtual or read-only filesystem or a dir without write permission fails in one line, not in a
+    traceback after the work."""
     from apo_ray.errors import UserError
 
     p = Path(path).resolve()
@@ -36,6 +39,28 @@ def refuse_source_tree(path: str | os.PathLike[str], where: str) -> None:
         if p == src or src in p.parents:
             raise UserError(f"output dir is inside the source tree ({src.name}/)", where,
                             "write outputs elsewhere, e.g. runs/<name>")
+    check_writable(p, where)
+
+
+def check_writable(path: Path, where: str) -> None:
+    """Raise a UserError unless ``path`` (a dir to create or fill, or a file to create or replace) can be written:
+    probe its nearest existing ancestor by creating and removing a temp dir there (permission bits alone say
+    nothing for root, /proc or a read-only mount)."""
+    from apo_ray.errors import UserError
+
+    probe = path if path.is_dir() else path.parent if path.exists() else path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot create output {path}: {probe} is a file, not a directory", where,
+                        "choose a path whose parent directories are directories")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=TMP_PREFIX + "probe.", dir=probe))
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:  # full or read-only filesystem: the CLI's exit-3 line, as at any later write
+            raise OSError(e.errno, os.strerror(e.errno or 0), str(probe)) from None
+        raise UserError(f"cannot create output {path}: {os.strerror(e.errno or 0)} in {probe}", where,
+                        "choose a directory you can write to, on a writable filesystem") from None
 
 
 def disk_error(exc: BaseException) -> str | None:

@@ -49,7 +49,16 @@ class RunStorage:
             self.local = Path(local_dir) if local_dir else _local_cache(location)
         else:
             self.local = Path(local_dir or location).resolve()
-        self.local.mkdir(parents=True, exist_ok=True)
+        try:
+            self.local.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # under a file, /proc, a read-only mount: one line, not a traceback
+            from apo_ray.fsio import check_writable
+
+            if self.local.exists():
+                raise UserError(f"the run dir {self.local} is a file", "--run-dir", "pass a directory") from None
+            check_writable(self.local, "--run-dir")  # names the cause where it can
+            raise UserError(f"cannot create output {self.local}: {os.strerror(e.errno or 0)}", "--run-dir",
+                            "choose a directory you can write to, on a writable filesystem") from None
 
     @property
     def remote(self) -> bool:

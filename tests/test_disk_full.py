@@ -109,3 +109,18 @@ def test_collect_on_a_full_disk_stops_cleanly_and_resumes(tmpfs: Path, tmp_path:
     files = sorted(p.name for p in (out / "episodes").glob("*.parquet"))
     assert files == [f"lift-nominal-r0-s00000{i}.parquet" for i in range(3)]
     assert (out / "episodes" / files[0]).read_bytes() == first  # the finished episode was not rewritten
+
+
+def test_outputs_on_a_read_only_filesystem_fail_in_one_line_before_any_work(tmpfs: Path) -> None:
+    _resize(tmpfs, "4m")
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    env = {k: v for k, v in os.environ.items() if k != "APO_RAY_DEBUG"}
+    root = Path(__file__).resolve().parents[1]
+    for argv in (["export-hdf5", "--episodes", str(tmpfs), "--out", str(tmpfs / "x.hdf5")],
+                 ["loop", "--config", str(root / "configs" / "smoke.yaml"), "--run-dir", str(tmpfs / "run")],
+                 ["collect", "--task", "lift", "--out", str(tmpfs / "deeper" / "eps")]):
+        r = subprocess.run([sys.executable, "-m", "apo_ray", *argv], capture_output=True, text=True, env=env,
+                           timeout=300)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 3, r.stderr[-2000:]
+        assert len(lines) == 1 and f"Read-only file system writing {tmpfs}" in lines[0], lines

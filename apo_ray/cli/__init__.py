@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
                             "free space there (or remount it writable), then rerun the same command "
                             "(add --resume for collect/eval)").line(), file=sys.stderr)
             return 3
+        if isinstance(e, PermissionError) and e.filename:  # a path the user can fix, not a bug of ours
+            print(UserError(f"permission denied: {e.filename}", "file system",
+                            "make it readable/writable for this user, or choose another path").line(), file=sys.stderr)
+            return 3
         if os.environ.get("APO_RAY_DEBUG"):
             raise
         fd, path = tempfile.mkstemp(prefix="apo-ray-crash-", suffix=".log")
