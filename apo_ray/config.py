@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from apo_ray.errors import UserError
+from envs.corrector import CorrectorConfig  # the corrector section: envs defines it (one-way imports)
 
 OBJECTIVES = ("apo", "kto", "dagger", "sirius", "dpo", "bc")
 """The training objectives (apo_ray.loss.OBJECTIVES, kept here so loading a config needs no torch)."""
@@ -60,28 +61,6 @@ class EnvConfig:
     """Max control steps per episode; 0 = the task's default."""
     cheap_render: bool = True
     """Drop reflections/shadows/MSAA and size the offscreen buffer to the image (3x faster on CPU)."""
-
-
-@dataclass(frozen=True)
-class CorrectorConfig:
-    enabled: bool = True
-    """Let the scripted corrector take over from a deviating policy (false: the policy acts alone)."""
-    deviation_threshold: float = 0.6
-    """Mean |a_policy - a_oracle| over the 3 translation dims that counts as deviating."""
-    deviation_steps: int = 6
-    """Consecutive deviating steps inside a critical phase before the corrector takes over."""
-    off_target_steps: int = 3
-    """Steps an empty hand spends at grasp height beside the grasp point before taking over (0 = off)."""
-    no_progress_steps: int = 25
-    """Steps without progress towards the current subgoal before taking over."""
-    reaction_delay: int = 2
-    """Steps between a trigger firing and the corrector acting, like a human's reaction time."""
-    min_control_steps: int = 8
-    """Shortest takeover before control may be handed back."""
-    max_interventions: int = 8
-    """Most takeovers in one episode."""
-    finish_after: int = 3
-    """The corrector keeps control to the end from this takeover of an episode on (0 = always hand back)."""
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,11 @@
-"""One error type for bad user input: the CLI prints it as a single line and exits 2."""
+"""One error type for bad user input: the CLI prints it as a single line and exits 2.
+
+Defined in :mod:`envs.errors` (the lower layer raises it too, and envs imports nothing from apo_ray); this is the
+same class, so ``except UserError`` anywhere catches both layers' errors.
+"""
 
 from __future__ import annotations
 
+from envs.errors import UserError
 
-class UserError(Exception):
-    """Bad input that the user can fix.
-
-    Rendered as ``error: <what> (<where>); fix: <how>`` on one line, never with a traceback.
-    """
-
-    def __init__(self, what: str, where: str = "", fix: str = "") -> None:
-        self.what, self.where, self.fix = what, where, fix
-        super().__init__(self.line())
-
-    def line(self) -> str:
-        msg = f"error: {self.what}"
-        if self.where:
-            msg += f" ({self.where})"
-        if self.fix:
-            msg += f"; fix: {self.fix}"
-        return " ".join(msg.split())  # exactly one line
+__all__ = ["UserError"]

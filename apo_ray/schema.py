@@ -14,16 +14,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+# c labels (the paper's convention): the corrector in envs writes them
+from envs.labels import C_CORRECTOR, C_POLICY, C_UNDESIRABLE, NO_INTERVENTION  # noqa: F401 - schema's names
+
 SCHEMA_VERSION = 1
 ACTION_DIM = 7
 PROPRIO_DIM = 9
 """eef pos (3) + eef quat xyzw (4) + gripper finger qpos (2)."""
 
-# c labels (the paper's convention)
-C_UNDESIRABLE = 0  # assigned later by the data pipeline's relabel stage
-C_POLICY = 1
-C_CORRECTOR = 2
-NO_INTERVENTION = -1
 
 EPISODE_ID = "episode_id"
 ROUND = "round"

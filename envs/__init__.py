@@ -1,6 +1,7 @@
 """Simulation tasks, disruption scenarios, scripted oracle experts and the corrector.
 
-Imports only the apo_ray leaves (no torch, no ray); robosuite/robomimic load when a ``TaskEnv`` is built.
+Imports nothing from apo_ray (the layer above; tests/test_layering.py checks), nor torch or ray;
+robosuite/robomimic load when a ``TaskEnv`` is built.
 """
 
 from envs.corrector import Corrector

@@ -23,10 +23,11 @@ failing, the corrector then drives the episode to success (the paper's deploymen
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from apo_ray.config import CorrectorConfig
-from apo_ray.schema import C_CORRECTOR, C_POLICY, NO_INTERVENTION
+from envs.labels import C_CORRECTOR, C_POLICY, NO_INTERVENTION
 from envs.oracle import EMPTY_GAP, MAX_TILT, Oracle, tilt
 from envs.tasks import get_task
 
@@ -39,6 +40,30 @@ LOW_Z = 0.02
 """Height (m) above the grasp point below which the hand is at grasp height."""
 AWAY = 0.1
 """Object distance (m, horizontal) from its target beyond which letting go of it is a drop, not a release."""
+
+
+@dataclass(frozen=True)
+class CorrectorConfig:
+    """The corrector's triggers: the ``corrector`` section of apo_ray's config."""
+
+    enabled: bool = True
+    """Let the scripted corrector take over from a deviating policy (false: the policy acts alone)."""
+    deviation_threshold: float = 0.6
+    """Mean |a_policy - a_oracle| over the 3 translation dims that counts as deviating."""
+    deviation_steps: int = 6
+    """Consecutive deviating steps inside a critical phase before the corrector takes over."""
+    off_target_steps: int = 3
+    """Steps an empty hand spends at grasp height beside the grasp point before taking over (0 = off)."""
+    no_progress_steps: int = 25
+    """Steps without progress towards the current subgoal before taking over."""
+    reaction_delay: int = 2
+    """Steps between a trigger firing and the corrector acting, like a human's reaction time."""
+    min_control_steps: int = 8
+    """Shortest takeover before control may be handed back."""
+    max_interventions: int = 8
+    """Most takeovers in one episode."""
+    finish_after: int = 3
+    """The corrector keeps control to the end from this takeover of an episode on (0 = always hand back)."""
 
 
 class Corrector:

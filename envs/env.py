@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from apo_ray.errors import UserError
 from envs import scenarios as sc
+from envs.errors import UserError
 from envs.tasks import WRIST_CAMERA, env_meta, get_task, install_mujoco_py_stub
 
 

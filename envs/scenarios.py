@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from apo_ray.errors import UserError
+from envs.errors import UserError
 from envs.tasks import TaskSpec
 
 Range = tuple[float, float]

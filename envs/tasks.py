@@ -14,7 +14,7 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
-from apo_ray.errors import UserError
+from envs.errors import UserError
 
 
 @dataclass(frozen=True)

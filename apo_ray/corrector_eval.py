@@ -1,9 +1,10 @@
 """Corrector effect on a degraded policy: success with and without the corrector, one JSON line.
 
-    python -m envs.corrector_eval --task lift --policy noisy-oracle:0.05 --seeds 20
+    python -m apo_ray.corrector_eval --task lift --policy noisy-oracle:0.05 --seeds 20
 
 Uses the project's policy specs (``apo_ray.policies.make_policy``) on the camera-free env, and the default
-``CorrectorConfig``.
+``CorrectorConfig``. It lives in apo_ray, not envs, because it needs the policies (envs imports nothing from
+apo_ray).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from apo_ray.config import CorrectorConfig
-from envs.corrector import Corrector
+from envs.corrector import Corrector, CorrectorConfig
 from envs.env import TaskEnv
 from envs.oracle import make_oracle
 from envs.oracle_eval import run_episode
