@@ -63,7 +63,7 @@ def test_a_run_dir_saved_with_removed_keys_resumes(tmp_path: Path) -> None:
     st = RunStorage(tmp_path / "run")
     prepare_run_dir(C.load(SMOKE), st, resume=False)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    saved["collect"].update(policy="oracle", episodes=8, round=0, envs_per_worker=1)
+    saved["collect"].update(policy="oracle", episodes=8, round=0)
     saved["env"]["camera"] = True
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
     prepare_run_dir(C.load(SMOKE), st, resume=True)
