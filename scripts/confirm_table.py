@@ -1,4 +1,4 @@
-"""Print §16's confirmatory table from runs/confirm/<arm>/<scenario>/ (see scripts/confirm_lift.sh), or with
+"""Print §16's confirmatory table from runs/confirm/<arm>/<scenario>/ (see docs/experiments/scripts/confirm_lift.sh), or with
 ``RUN_DIR ROUND`` the same table for one round of a loop run (apo against the other arms, each arm against π0).
 
 The decision rule (FINDINGS §16) uses the Newcombe interval, which treats the two cells as independent. Both are

@@ -4,7 +4,7 @@ Scores one round's checkpoint and the one before it on distinct states of one ki
 It prints the change of the mean per-token log-prob of each state's own action tokens. Tokens are split by
 whether the round's relabelled (c=0) steps use the same action bin in that dimension ("pushed" bins).
 
-    python scripts/push_probe.py runs/plw_uw5 2 apo --states c1 --n 256
+    python docs/experiments/scripts/push_probe.py runs/plw_uw5 2 apo --states c1 --n 256
 """
 
 from __future__ import annotations
