@@ -9,7 +9,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 APT_PKGS := libegl1 libgl1 libgles2 libglvnd0 libopengl0 libegl-mesa0 libgl1-mesa-dri
 
-.PHONY: setup apt test test-all lint demo smoke bench chaos clean openvla-env
+.PHONY: setup apt test test-all test-autoscale lint demo smoke bench chaos clean openvla-env
 
 setup: .venv/.stamp
 
@@ -35,6 +35,10 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -x -n 2 --dist loadgroup tests
 
+# The smoke loop on a local Ray autoscaling cluster (fake multi-node provider) against the embedded Ray (CI runs it)
+test-autoscale: setup
+	$(PY) -m pytest -x -s -p no:cacheprovider tests/test_autoscaling.py
+
 lint: setup
 	.venv/bin/ruff check apo_ray envs jobs tests scripts
 
@@ -57,7 +61,7 @@ chaos: setup
 # next to the local torch 2.13.0+cpu wheel, so this venv takes the torch 2.14.1 + torchvision 0.29.1 pair from
 # this machine's disk. apo_ray goes in without its dependencies: scripts/check_openvla.sh runs the model-level path.
 OPENVLA_PKGS := torch==2.14.1 torchvision==0.29.1 transformers==4.40.1 tokenizers==0.19.1 timm==0.9.16 \
-	peft==0.11.1 "numpy<2" pyarrow pyyaml safetensors pillow
+	peft==0.11.1 "numpy<2" "pyarrow<19" pyyaml safetensors pillow
 openvla-env: .venv-openvla/.stamp
 
 .venv-openvla/.stamp: Makefile

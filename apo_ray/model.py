@@ -314,6 +314,10 @@ class VLAMeta:
     """kind hf: the model's prompt template ({instruction}); its ids are followed by ``prompt_suffix``."""
     prompt_suffix: list | None = None
     """Token ids after the prompt (OpenVLA: the empty token ``▁`` that ``predict_action`` appends)."""
+    base_adapters: list | None = None
+    """kind hf: LoRA adapters merged into the base, in order, before this checkpoint's own ``adapter/`` (a warm
+    start merges its init's adapters and trains a fresh one, so the live reference is the adapter-disabled
+    model). Saved inside the checkpoint as ``base_adapters/<i>``; absolute paths while in memory."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -813,7 +817,15 @@ def save_checkpoint(model: nn.Module, proc: Processor, out_dir: str | Path, stat
         else:
             m.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         _save_tokenizer(proc.tokenizer, tmp)
-        fsio.write_json(tmp / META_FILE, proc.meta.to_json())
+        meta = proc.meta.to_json()
+        if proc.meta.base_adapters:  # copied in: a checkpoint must not depend on its ancestors' dirs
+            import shutil
+
+            meta["base_adapters"] = []
+            for i, a in enumerate(proc.meta.base_adapters):
+                shutil.copytree(a, tmp / "base_adapters" / str(i))
+                meta["base_adapters"].append(f"base_adapters/{i}")
+        fsio.write_json(tmp / META_FILE, meta)
     return out
 
 
@@ -895,8 +907,11 @@ def check_checkpoint(ckpt_dir: str | Path) -> None:
         load_policy(ckpt_dir)
 
 
-def load_policy(ckpt_dir: str | Path, trainable: bool = False):
-    """Load a checkpoint dir → (model, processor, action_stats). Missing/corrupt dirs raise UserError."""
+def load_policy(ckpt_dir: str | Path, trainable: bool = False, fresh_lora: bool = False):
+    """Load a checkpoint dir → (model, processor, action_stats). Missing/corrupt dirs raise UserError.
+
+    kind hf with ``fresh_lora`` (a warm start): the checkpoint's adapter is merged into the base too and a new
+    zero-initialised one is added, so the model with its adapters disabled is exactly the checkpoint."""
     d = checkpoint_dir(ckpt_dir)
     try:
         meta = VLAMeta(**read_meta(d))
@@ -945,11 +960,20 @@ def load_policy(ckpt_dir: str | Path, trainable: bool = False):
                 raise UserError(f"the base model's action tokens ({proc.meta.action_tokens} from "
                                 f"{proc.meta.action_offset}) differ from the checkpoint's ({meta.action_tokens} from "
                                 f"{meta.action_offset})", str(d / META_FILE), "point base_path at the checkpoint's base")
-            proc = Processor(proc.tokenizer, meta)  # the checkpoint's recorded layout, not a re-derived one
-            if (d / "adapter").is_dir():
-                from peft import PeftModel
+            from peft import PeftModel
 
-                model = PeftModel.from_pretrained(model, d / "adapter", is_trainable=trainable)
+            chain = [d / a for a in (meta.base_adapters or [])]
+            for a in chain:
+                model = PeftModel.from_pretrained(model, a).merge_and_unload()
+            if (d / "adapter").is_dir():
+                if fresh_lora:
+                    model = PeftModel.from_pretrained(model, d / "adapter").merge_and_unload()
+                    chain.append(d / "adapter")
+                    model = with_lora(model, ModelConfig(**(meta.model or {"kind": "hf"})).lora_rank or 32,
+                                      (meta.model or {}).get("lora_alpha", 16))
+                else:
+                    model = PeftModel.from_pretrained(model, d / "adapter", is_trainable=trainable)
+            meta = VLAMeta(**{**meta.to_json(), "base_adapters": [str(a.resolve()) for a in chain] or None})
             tok = proc.tokenizer
     except UserError:
         raise

@@ -246,12 +246,6 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
         _check_action_stats(info, init, init_meta)
     _check_vocab(info, init_meta, cfg)
     ref_mode = _reference_mode(cfg, info, init)
-    if ref_mode == "live" and init_meta is not None and init_meta.get("kind") == "hf" and (
-            checkpoint_dir(init) / "adapter").is_dir():
-        # its adapters are the reference's, so disabling them would score against the bare base
-        raise UserError("a live reference under LoRA is the base with its adapters disabled, which is not this "
-                        "--init checkpoint (it carries trained adapters)", "config train.reference",
-                        f"build the dataset with --ref-checkpoint {init} and use train.reference: cached")
     world = t.workers
     steps_per_epoch = info["per_schedule"] // world // t.grad_accum
     if steps_per_epoch == 0:
@@ -311,7 +305,14 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
 
     cols = ["batch_id", *BASE_COLUMNS, *info["coverage_cols"]] + (list(REF_COLUMNS) + info["ref_optional"]
                                                                   if loop_cfg["ref_mode"] == "cached" else [])
-    ds = ray.data.read_parquet(info["shards"], columns=cols, num_cpus=0.25)
+    # the v1 Parquet reader: v2 (Ray 2.60's default) lists the files with 32 FooterReader actors of a CPU each,
+    # spread over the nodes; under an autoscaler that demand launched rollout nodes through every training
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(info["shards"], columns=cols, num_cpus=0.25)
+    finally:
+        ctx.use_datasource_v2 = v2
     # Each rank reads its own rows of every epoch's schedule (not Ray's streaming_split, which hands out whole
     # blocks: a small epoch is one block, so one rank would get all of it): with the shards in epoch order, rank r
     # gets rows b ≡ r (mod world) of each schedule, the first steps_per_epoch·grad_accum of them, in file order.
@@ -498,14 +499,15 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
         model, proc = M.build_model(mc, lc["action_stats"], lc["image_size"], lc["instructions"], seed=t.seed,
                                     proprio_stats=lc.get("proprio_stats"), image_views=lc.get("image_views", 1))
     else:
-        model, proc, _ = M.load_policy(lc["init"], trainable=True)
+        # hf: the init's adapter is merged and a fresh one trains, so adapters-off is exactly the init
+        model, proc, _ = M.load_policy(lc["init"], trainable=True, fresh_lora=True)
         model.requires_grad_(True) if proc.meta.kind == "tiny" else None
         if proc.meta.kind == "tiny":
             proc = M.Processor(proc.tokenizer, M.VLAMeta(**{**proc.meta.to_json(), "action_stats": lc["action_stats"]}))
     model.train()
     ref = None
-    # Under LoRA from scratch the adapters start as a no-op, so the live reference is the same model with them
-    # disabled (peft): no second copy of a 7B. Without LoRA the reference is a frozen copy.
+    # Under LoRA the adapters start as a no-op on the init (scratch, or a warm start's merged adapters), so the
+    # live reference is the same model with them disabled (peft): no second copy of a 7B. Without LoRA, a copy.
     lora_ref = lc["ref_mode"] == "live" and M.has_lora(model)
     if lc["ref_mode"] == "live" and not lora_ref:
         ref = copy.deepcopy(model).eval().requires_grad_(False)

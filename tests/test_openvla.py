@@ -65,3 +65,69 @@ def test_layout_of_an_openvla_dir_is_read_not_guessed(tmp_path):
     with pytest.raises(UserError, match="states no action-token convention"):
         C.hf_token_layout(other)
     assert C.hf_token_layout(other, "ascending") == {"vocab_size": 32064, "action_tokens": "ascending"}
+
+
+@pytest.mark.ray
+def test_tiny_openvla_interface_end_to_end(tmp_path, ray_local):
+    """model.kind hf on a tiny random-init VLA with OpenVLA's interface (model_type openvla, 6-channel fused
+    pixels at image_sizes, <PAD> + pad_to_multiple_of, norm_stats, descending tokens, predict_action): a dataset
+    in its token layout, BC + LoRA (default rank) under ZeRO-2, the dataset's reference stage, APO with the
+    cached reference and with the adapter-disabled live one (equal losses, no model copy), a rollout policy, and
+    the merged export's own predict_action giving our policy's actions."""
+    import dataclasses
+
+    import torch
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from apo_ray import config as Cfg
+    from apo_ray import model as M
+    from apo_ray import openvla_check as O
+    from apo_ray.bench_data import synth_episodes
+    from apo_ray.data import build_dataset
+    from apo_ray.trainer import train
+    from apo_ray.vla_policy import VLAPolicy
+
+    src = O.write_tiny_prismatic(tmp_path / "ovla", ["lift the red cube"], hidden=32, layers=1)
+    synth_episodes(tmp_path / "episodes", episodes=2, steps=24, image_size=64)
+    cfg = Cfg.from_dict({"model": {"kind": "hf", "path": str(src)},
+                         "train": {"lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 100, "torch_threads": 1,
+                                   "workers": 1, "epochs": 1, "max_steps": 2, "zero_stage": 2}})
+    assert cfg.model.lora_rank == 32
+    layout = C.token_layout(cfg.model, None)
+    assert layout == {"vocab_size": 32000, "action_tokens": "openvla"}
+    build_dataset([tmp_path / "episodes"], [], tmp_path / "ds0", Cfg.DataConfig(), **layout)
+    bc = train(tmp_path / "ds0", "scratch", tmp_path / "bc", dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, objective="bc")))
+    assert bc["step"] == 2 and np.isfinite(bc["loss"])
+    ck = tmp_path / "bc" / "checkpoint"
+    meta = C.read_meta(ck)
+    assert (meta["action_tokens"], C.meta_vocab_size(meta), meta["base_path"]) == ("openvla", 32000, str(src))
+    build_dataset([tmp_path / "episodes"], [], tmp_path / "ds1", Cfg.DataConfig(), ref_checkpoint=str(ck),
+                  **C.token_layout(cfg.model, str(ck)))
+
+    def apo(reference: str) -> dict:
+        return train(tmp_path / "ds1", str(ck), tmp_path / f"apo_{reference}", dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, objective="apo", lr=0.0, reference=reference)))
+
+    cached, live = apo("cached"), apo("live")
+    assert cached["reference"] == "cached" and live["reference"] == "live"
+    assert abs(cached["r_D"]) < 1e-4 and abs(live["r_D"]) < 1e-4
+    assert cached["loss"] == pytest.approx(live["loss"], abs=1e-5)
+    out = tmp_path / "apo_live" / "checkpoint"
+    assert (out / "base_adapters" / "0" / "adapter_model.safetensors").is_file()  # the init's adapter, merged
+
+    pol = VLAPolicy(out, threads=1)
+    rng = np.random.default_rng(1)
+    obs = [{"image": rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), "instruction": "lift the red cube"}
+           for _ in range(2)]
+    ours = pol.act(obs)
+    assert ours.shape == (2, 7) and np.isfinite(ours).all()
+    merged = M.export_hf(out, tmp_path / "merged", merged=True)
+    cls = get_class_from_dynamic_module(json.loads((merged / "config.json").read_text())["auto_map"][
+        "AutoModelForVision2Seq"], str(merged))
+    vla = cls.from_pretrained(merged).eval()
+    inp = pol.proc(np.stack([o["image"] for o in obs]), [o["instruction"] for o in obs])
+    theirs = np.stack([vla.predict_action(inp.input_ids[i:i + 1], unnorm_key="apo_ray",
+                                          pixel_values=inp.pixel_values[i:i + 1]) for i in range(2)])
+    assert not torch.is_tensor(theirs)
+    np.testing.assert_allclose(A.model_to_env(theirs, A.OPENVLA), ours, atol=1e-5)
