@@ -71,7 +71,7 @@ class CollectConfig:
     """First seed of the loop's demos; deployment seeds follow from round and scenario (docs/LOOP.md)."""
     videos: int = 0
     """MP4s of the first N episodes of each deployment stage."""
-    envs_per_worker: int = 4
+    envs_per_worker: int = 8
     """Envs each rollout actor (env runner) steps. With a checkpoint policy behind the inference service, a runner
     steps one env while the others' observations are decoded; scripted and per-actor policies step one at a time.
     Never changes an episode (each is a pure function of its seed)."""
@@ -245,7 +245,7 @@ class EvalConfig:
     """Parallel evaluation actors."""
     videos: int = 0
     """MP4s of the first N episodes of each evaluation stage."""
-    envs_per_worker: int = 4
+    envs_per_worker: int = 8
     """Envs each evaluation actor steps (as ``collect.envs_per_worker``)."""
     gpus_per_worker: float = 0.0
     """GPU share of each evaluation actor (as ``collect.gpus_per_worker``)."""
@@ -261,8 +261,9 @@ class InferenceConfig:
     max_batch: int = 8
     """Rows of every decode. Fewer requests are padded to this fixed shape, so a row's result never depends on its
     batch mates; like ``threads``, part of the policy's numerics (a change may move low-order bits)."""
-    max_wait_ms: float = 4.0
-    """How long a replica holds its oldest request waiting for a full batch (0: decode what is queued at once)."""
+    max_wait_ms: float = 50.0
+    """How long a replica holds its oldest request waiting for a full batch (0: decode what is queued at once). On
+    CPU a padded row costs nearly what a real one does, so a full batch is worth a wait (docs/LOOP.md)."""
     replicas: int = 1
     """Replicas (model copies) on CPU; on a cluster with GPUs, one per GPU (``gpus_per_replica: 1``) is the rule."""
     gpus_per_replica: float = 0.0
@@ -364,7 +365,7 @@ class Config:
                                 f"config {sec}.gpus_per_worker", "use a share in (0, 1] or a whole number")
             if getattr(self, sec).envs_per_worker < 1:
                 raise UserError(f"{sec}.envs_per_worker must be >= 1", f"config {sec}.envs_per_worker",
-                                "use 1 or more envs per rollout actor, e.g. 4")
+                                "use 1 or more envs per rollout actor, e.g. 8")
         inf = self.inference
         for name, low, fix in (("max_batch", 1, "e.g. 8"), ("replicas", 1, "e.g. 1 on CPU, one per GPU on a cluster"),
                                ("threads", 1, "e.g. 1")):

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from apo_ray.config import InferenceConfig
 from apo_ray.fsio import write_json
 from apo_ray.rollout import collect
 from apo_ray.stats import wilson_interval
@@ -20,14 +21,14 @@ def evaluate(policy: str, task: str, scenario: str, episodes: int, workers: int,
              out_dir: str | os.PathLike[str], *, videos: int = 0, image_size: int = 64, horizon: int = 0,
              address: str | None = None, resume: bool = False, progress: bool = True,
              round_: int = 0, wrist: bool = False, oracle_version: int | None = None,
-             gpus: float = 0.0) -> dict[str, Any]:
+             gpus: float = 0.0, envs_per_worker: int = 1, inference: InferenceConfig | None = None) -> dict[str, Any]:
     """Roll ``policy`` out without a corrector and score it (the oracle only labels ``oracle_action``).
     Writes ``out_dir/eval.json``."""
     seeds = eval_seeds(seed, episodes)
     summary = collect(task, scenario, policy, episodes, workers, seed, out_dir, round_=round_, corrector=None,
                       image_size=image_size, horizon=horizon, videos=videos, address=address, seeds=seeds,
                       resume=resume, progress=progress, label=f"eval {scenario}", wrist=wrist,
-                      oracle_version=oracle_version, gpus=gpus)
+                      oracle_version=oracle_version, gpus=gpus, envs_per_worker=envs_per_worker, inference=inference)
     lo, hi = wilson_interval(summary["successes"], summary["episodes"])
     result = {
         "success_rate": summary["success_rate"],

@@ -25,6 +25,7 @@ duplicates nothing. Seeds come from coordinates: demos ``collect.seed + i``, rou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -49,6 +50,7 @@ BASE = "base"
 SHARED = "shared"
 DEMOS = "demos"
 CONFIG_FILE = "config.json"
+LOG_FILE = "loop.log"
 RESUMABLE_CONFIG_KEYS = ("loop.rounds", "eval.videos", "collect.videos", "collect.workers", "eval.workers",
                          "collect.envs_per_worker", "eval.envs_per_worker", "inference.replicas", "inference.max_wait_ms",
                          "train.workers", "loop.storage")
@@ -374,6 +376,25 @@ def _summary_line(stage: Stage, result: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
 
 
+class RunLog:
+    """The loop's progress lines: echoed (stdout by default) and appended to ``RUN_DIR/loop.log`` with a UTC
+    timestamp. Appended line by line, not rewritten atomically: a kill loses at most the line being written, and a
+    resumed run continues the same file."""
+
+    def __init__(self, path: Path, echo: Callable[[str], None] = print) -> None:
+        self.path, self.echo = path, echo
+
+    def __call__(self, line: str) -> None:
+        self.echo(line)
+        self.write(line)
+
+    def write(self, line: str) -> None:
+        """To the file only."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{stamp} {line}\n")
+
+
 # ------------------------------------------------------------------------------------------- the loop
 
 
@@ -491,6 +512,8 @@ class Loop:
         if self.storage.remote:
             self.storage.push(key)
             self.storage.push("journal.json")
+            if (self.run_dir / LOG_FILE).exists():
+                self.storage.push(LOG_FILE)
 
     def write_report(self) -> Path:
         from apo_ray.report import write_report
@@ -618,5 +641,18 @@ def run_loop(cfg: Config, run_dir: str | os.PathLike[str] | None = None, *, resu
     fsio.refuse_source_tree(storage.local, "--run-dir")
     with run_lock(storage.local):
         cfg = prepare_run_dir(cfg, storage, resume)
-        return Loop(cfg, storage, address=address, progress=progress, log=log).run()
+        runlog = RunLog(storage.local / LOG_FILE, log)
+        runlog.write(f"apo-ray loop (pid {os.getpid()}) in {storage.location}: task {cfg.env.task}, arms "
+                     f"{', '.join(cfg.loop.arms)}, {cfg.loop.rounds} rounds")
+        try:
+            result = Loop(cfg, storage, address=address, progress=progress, log=runlog).run()
+        except BaseException as e:  # the file says where and why it stopped; the CLI prints the error itself
+            with contextlib.suppress(OSError, ValueError):  # a full disk must not hide the error itself
+                prog = storage.local / "progress.json"
+                stage = json.loads(prog.read_text()).get("stage") if prog.exists() else None
+                first = (str(e).strip().splitlines() or [""])[0]
+                runlog.write(f"stopped{f' in {stage}' if stage else ''}: {type(e).__name__}: {first}")
+            raise
+        runlog.write(f"finished: {result['ran']} stages run, {result['seconds']} s; report {result['report']}")
+        return result
 

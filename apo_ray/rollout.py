@@ -9,6 +9,7 @@ re-runs an episode rewrites the same bytes under the same name: nothing is lost 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from apo_ray import schema as S
-from apo_ray.config import CorrectorConfig, DataConfig
+from apo_ray.config import CorrectorConfig, DataConfig, InferenceConfig
 from apo_ray.errors import UserError
 from apo_ray.fsio import sweep_tmp, write_json, write_parquet
 from apo_ray.policies import check_policy_spec, is_scripted, make_policy, policy_views
@@ -88,75 +89,148 @@ def _maybe_fault(seed: int, t: int, out_dir: Path) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@dataclass
+class _Slot:
+    """One env of a worker and what watches it: the oracle, the corrector and a scripted policy's episode state."""
+
+    env: Any
+    policy: Any = None
+    policy_key: tuple | None = None
+
+
 class RolloutWorker:
-    """Owns one env, one policy copy, and (optionally) the oracle corrector watching it.
+    """An env runner: owns ``envs_per_worker`` envs (built as they are first needed), the oracle and corrector
+    beside each, and the policy: a scripted one in-process, a checkpoint either through the batched inference
+    service (:mod:`apo_ray.inference`, the ``service`` argument of :meth:`run_episode_async`) or as its own copy.
 
     What it rolls out is its spec (:func:`rollout_spec`). ``run_episode`` may carry the spec of the episode it
     asks for, and the worker rebuilds only what differs: a pooled actor (:func:`keep_actors`) then serves the
     next stage without a process start or the torch/robosuite imports, and a stage with the same policy keeps
     its weights loaded. An actor Ray restarts comes back with its constructor's spec and is put right by the
-    next call's."""
+    next call's. On Ray it is an async actor: its episodes run as coroutines on one thread, and one whose
+    policy is remote awaits its action while another steps its env."""
 
     def __init__(self, task: str, scenario: str, policy: str, out_dir: str, **options: Any) -> None:
         """``options``: the keyword arguments of :func:`rollout_spec`, which holds their defaults."""
         self.spec: dict[str, Any] | None = None
-        self.env: Any = None
-        self.policy: Any = None
+        self._free: list[_Slot] = []
+        self._busy = 0
+        self._vla: Any = None
         self._env_key: tuple | None = None
         self._policy_key: tuple | None = None
-        self.retarget(rollout_spec(task, scenario, policy, out_dir, **options))
+        self.retarget(rollout_spec(task, scenario, policy, out_dir, **options), load=False)
 
-    def retarget(self, spec: dict[str, Any]) -> None:
-        """Roll out ``spec`` from now on, rebuilding the env and the policy only where they differ."""
+    def retarget(self, spec: dict[str, Any], load: bool = True) -> None:
+        """Roll out ``spec`` from now on, rebuilding the envs and the policy only where they differ. Envs are built
+        on first use, in the thread that steps them (an EGL context cannot be current in two threads)."""
         if spec == self.spec:
             return
-        import envs
-
         task, scenario, policy, ov = spec["task"], spec["scenario"], spec["policy"], spec["oracle_version"]
         env_key = (task, scenario, spec["image_size"], spec["horizon"], spec["cheap_render"], spec["wrist"])
         if env_key != self._env_key:
-            if self.env is not None:
-                self.env.close()
-            self.env = envs.TaskEnv(task, scenario, image_size=spec["image_size"], camera=True,
-                                    cheap_render=spec["cheap_render"], horizon=spec["horizon"], wrist=spec["wrist"])
+            if self._busy:
+                raise RuntimeError("retarget with episodes in flight")
+            for slot in self._free:
+                slot.env.close()
+            self._free = []
             self._env_key = env_key
-        policy_key = (policy, task, ov, _weights_stamp(policy))
-        if policy_key != self._policy_key:
-            self.policy = None  # the old weights go before the next ones load
-            self.policy = make_policy(policy, task, ov)
-            self._policy_key = policy_key
+        self._policy_key = (policy, task, ov, _weights_stamp(policy))
+        if is_scripted(policy) or spec["service"]:
+            self._vla = None
+        elif load and (self._vla is None or self._vla[0] != self._policy_key):
+            self._vla = None  # the old weights go before the next ones load
+            self._vla = (self._policy_key, make_policy(policy, task, ov))
         corrector = spec["corrector"]
-        self.oracle = envs.make_oracle(task, ov)
-        self.corrector = envs.Corrector(task, corrector) if corrector is not None and corrector.enabled else None
+        self.corrector_cfg = corrector if corrector is not None and corrector.enabled else None
         self.task, self.scenario, self.round = task, scenario, spec["round_"]
         self.out_dir = Path(spec["out_dir"])
         self.spec = spec
 
+    def prepare(self, envs: int = 1) -> None:
+        """Build up to ``envs`` envs (and a checkpoint policy's own copy) now, so a stage's step rate excludes them."""
+        self._load_policy()
+        slots = [self._slot() for _ in range(envs)]
+        self._free.extend(slots)
+        self._busy -= len(slots)
+
+    def _load_policy(self) -> None:
+        spec = self.spec
+        if not is_scripted(spec["policy"]) and not spec["service"] and (self._vla is None
+                                                                       or self._vla[0] != self._policy_key):
+            self._vla = None
+            self._vla = (self._policy_key, make_policy(spec["policy"], spec["task"], spec["oracle_version"]))
+
+    def _slot(self) -> _Slot:
+        import envs
+
+        if self._free:
+            slot = self._free.pop()
+        else:
+            spec = self.spec
+            slot = _Slot(envs.TaskEnv(spec["task"], spec["scenario"], image_size=spec["image_size"], camera=True,
+                                      cheap_render=spec["cheap_render"], horizon=spec["horizon"], wrist=spec["wrist"]))
+        if is_scripted(self.spec["policy"]) and slot.policy_key != self._policy_key:
+            slot.policy = make_policy(self.spec["policy"], self.task, self.spec["oracle_version"])
+            slot.policy_key = self._policy_key
+        self._busy += 1
+        return slot
+
+    def _release(self, slot: _Slot) -> None:
+        self._busy -= 1
+        self._free.append(slot)
+
     def ping(self) -> str:
         """Ready; returns where the policy runs (``cpu``, ``cuda:0``; scripted policies: ``cpu``)."""
-        return str(getattr(self.policy, "device", "cpu"))
+        return str(getattr(self._vla[1], "device", "cpu")) if self._vla is not None else "cpu"
 
     def run_episode(self, seed: int, video: bool = False, spec: dict[str, Any] | None = None) -> EpisodeStats:
+        """One episode, in-process (a scripted policy or the worker's own checkpoint copy)."""
         if spec is not None:
             self.retarget(spec)
+        self._load_policy()
+        slot = self._slot()
+        try:
+            policy = slot.policy if slot.policy is not None else self._vla[1]
+            ep = self._episode(slot, seed, video, policy.version)
+            obs = next(ep)
+            policy.reset([seed])
+            try:
+                while True:
+                    obs = ep.send(np.asarray(policy.act([obs])[0], np.float32))
+            except StopIteration as stop:
+                return stop.value
+        finally:
+            self._release(slot)
+
+    def _episode(self, slot: _Slot, seed: int, video: bool, version: str) -> Iterator[dict]:
+        """The episode as a generator: it yields each observation the policy must act on and is sent the policy's
+        action back; it returns the :class:`EpisodeStats` of the file it wrote. Between a yield and the next send
+        other episodes of this worker may step their envs: the global numpy RNG (robosuite draws from it) is this
+        episode's own across that gap, so interleaving never changes an episode."""
+        import envs
+
+        env, ov = slot.env, self.spec["oracle_version"]
+        oracle = envs.make_oracle(self.task, ov)
+        corrector = envs.Corrector(self.task, self.corrector_cfg) if self.corrector_cfg is not None else None
         eid = episode_id(self.task, self.scenario, self.round, seed)
         steps: dict[str, list] = {k: [] for k in (S.T, S.IMAGE, S.PROPRIO, S.ACTION, S.ORACLE_ACTION, S.C,
                                                   S.INTERVENTION_ID, S.REWARD, S.DONE, S.STATE)}
-        obs = self.env.reset(seed)
-        obs["instruction"] = self.env.instruction
-        self.policy.reset([seed])
-        self.oracle.reset()
-        if self.corrector is not None:
-            self.corrector.reset(seed)
+        obs = env.reset(seed)
+        obs["instruction"] = env.instruction
+        oracle.reset()
+        if corrector is not None:
+            corrector.reset(seed)
         done, t = False, 0
         while not done:
             _maybe_fault(seed, t, self.out_dir)
-            oracle_action = np.asarray(self.oracle.act(obs["privileged"]), np.float32)
-            policy_action = np.asarray(self.policy.act([obs])[0], np.float32)
-            if self.corrector is None:
+            oracle_action = np.asarray(oracle.act(obs["privileged"]), np.float32)
+            rng = np.random.get_state()
+            policy_action = yield obs
+            np.random.set_state(rng)
+            if corrector is None:
                 action, c, iid = policy_action, S.C_POLICY, S.NO_INTERVENTION
             else:
-                action, c, iid = self.corrector.decide(policy_action, oracle_action, obs["privileged"], self.oracle)
+                action, c, iid = corrector.decide(policy_action, oracle_action, obs["privileged"], oracle)
             steps[S.T].append(t)
             steps[S.IMAGE].append(obs["image"])
             steps[S.PROPRIO].append(obs["proprio"])
@@ -164,19 +238,18 @@ class RolloutWorker:
             steps[S.ORACLE_ACTION].append(oracle_action)
             steps[S.C].append(c)
             steps[S.INTERVENTION_ID].append(iid)
-            steps[S.STATE].append(self.env.get_state())
-            obs, reward, done, _ = self.env.step(np.clip(action, -1.0, 1.0))
-            obs["instruction"] = self.env.instruction
+            steps[S.STATE].append(env.get_state())
+            obs, reward, done, _ = env.step(np.clip(action, -1.0, 1.0))
+            obs["instruction"] = env.instruction
             steps[S.REWARD].append(reward)
             steps[S.DONE].append(done)
             t += 1
-        success = bool(self.env.is_success())
+        success = bool(env.is_success())
         steps.update({
             S.EPISODE_ID: eid, S.ROUND: self.round, S.TASK: self.task, S.SCENARIO: self.scenario,
-            S.SEED: seed, S.SUCCESS: success, S.INSTRUCTION: self.env.instruction,
-            S.POLICY_VERSION: self.policy.version,
+            S.SEED: seed, S.SUCCESS: success, S.INSTRUCTION: env.instruction, S.POLICY_VERSION: version,
         })
-        table = S.episode_table(steps, self.env.env_meta)
+        table = S.episode_table(steps, env.env_meta)
         if video:
             from apo_ray.video import write_mp4
 
@@ -185,16 +258,70 @@ class RolloutWorker:
         return EpisodeStats.of_table(table)
 
     def close(self) -> None:
-        self.env.close()
+        for slot in self._free:
+            slot.env.close()
+        self._free = []
+
+
+class EnvRunner(RolloutWorker):
+    """:class:`RolloutWorker` as a Ray async actor: every entry point is a coroutine, so they all run on the
+    actor's one event-loop thread, where its envs are built and stepped."""
+
+    def __init__(self, task: str, scenario: str, policy: str, out_dir: str, **options: Any) -> None:
+        super().__init__(task, scenario, policy, out_dir, **options)
+        self.reruns = 0
+
+    async def setup(self, spec: dict[str, Any], envs: int) -> dict[str, Any]:
+        """Retarget and build ``envs`` envs; returns the policy's device and the episodes re-run so far."""
+        self.retarget(spec)
+        self.prepare(envs)
+        return {"device": self.ping(), "reruns": self.reruns}
+
+    async def episode(self, seed: int, video: bool, spec: dict[str, Any],
+                      service: dict[str, Any] | None = None) -> EpisodeStats:
+        """One episode; with ``service`` its actions come from the inference replicas. If a replica dies while
+        this episode waits on it, the episode starts over from its seed (the replica comes back: max_restarts)."""
+        if service is None:
+            return self.run_episode(seed, video, spec)
+        import ray
+
+        from apo_ray.inference import MAX_RESTARTS, ServiceClient
+
+        self.retarget(spec)
+        for attempt in range(MAX_RESTARTS + 1):
+            slot = self._slot()
+            client = ServiceClient(service, seed)
+            ep = self._episode(slot, seed, video, client.version)
+            try:
+                obs = next(ep)
+                while True:
+                    obs = ep.send(await client.act(obs))
+            except StopIteration as stop:
+                return stop.value
+            except ray.exceptions.RayActorError:
+                if attempt == MAX_RESTARTS:
+                    raise
+                self.reruns += 1
+                print(f"inference replica died during seed {seed}: the episode starts over", file=sys.stderr)
+            finally:
+                ep.close()
+                self._release(slot)
+            await client.wait_back()
+        raise AssertionError("unreachable")
+
+    async def rerun_count(self) -> int:
+        return self.reruns
 
 
 def rollout_spec(task: str, scenario: str, policy: str, out_dir: str | os.PathLike[str], *, round_: int = 0,
                  corrector: CorrectorConfig | None = None, image_size: int = 64, horizon: int = 0,
-                 cheap_render: bool = True, wrist: bool = False, oracle_version: int | None = None) -> dict[str, Any]:
-    """Everything an episode depends on besides its seed: a :class:`RolloutWorker`'s constructor arguments."""
+                 cheap_render: bool = True, wrist: bool = False, oracle_version: int | None = None,
+                 service: bool = False) -> dict[str, Any]:
+    """Everything an episode depends on besides its seed: a :class:`RolloutWorker`'s constructor arguments.
+    ``service``: a checkpoint policy acts through the inference service, not a copy in the worker."""
     return {"task": task, "scenario": scenario, "policy": policy, "out_dir": str(out_dir), "round_": round_,
             "corrector": corrector, "image_size": image_size, "horizon": horizon, "cheap_render": cheap_render,
-            "wrist": wrist, "oracle_version": oracle_version}
+            "wrist": wrist, "oracle_version": oracle_version, "service": service}
 
 
 def _weights_stamp(policy: str) -> int | None:
@@ -217,7 +344,8 @@ def _check_out_dir(out_dir: Path, resume: bool) -> None:
         raise UserError(f"out dir is not writable: {out_dir}", "--out", "choose a directory you can write to")
 
 
-def validate_request(task: str, scenario: str, policy: str, episodes: int, workers: int, gpus: float = 0.0) -> None:
+def validate_request(task: str, scenario: str, policy: str, episodes: int, workers: int, gpus: float = 0.0,
+                     envs_per_worker: int = 1) -> None:
     """Every check that needs no env and no Ray, so bad input fails before anything is created."""
     import envs
 
@@ -230,6 +358,9 @@ def validate_request(task: str, scenario: str, policy: str, episodes: int, worke
         raise UserError(f"--workers must be >= 1, got {workers}", "--workers", "use at least one worker")
     if gpus < 0:
         raise UserError(f"--gpus-per-worker {gpus} is negative", "--gpus-per-worker", "use 0 (CPU) or a share, e.g. 0.25")
+    if envs_per_worker < 1:
+        raise UserError(f"envs_per_worker must be >= 1, got {envs_per_worker}", "collect/eval envs_per_worker",
+                        "use 1 or more envs per rollout actor")
 
 
 def read_episode_stats(path: Path) -> EpisodeStats:
@@ -280,17 +411,21 @@ def collect(task: str, scenario: str, policy: str, episodes: int, workers: int, 
             image_size: int = 64, horizon: int = 0, videos: int = 0, address: str | None = None,
             seeds: list[int] | None = None, resume: bool = False, progress: bool = True,
             label: str = "collect", wrist: bool = False, oracle_version: int | None = None,
-            gpus: float = 0.0) -> dict[str, Any]:
+            gpus: float = 0.0, envs_per_worker: int = 1, inference: InferenceConfig | None = None) -> dict[str, Any]:
     """Run ``episodes`` rollouts on ``workers`` Ray actors; write one Parquet file per episode.
 
     Seeds are ``seed + i`` unless given. With ``resume``, episodes already on disk are kept and only the
     missing ones run. ``wrist`` adds the eye-in-hand view beside agentview; a checkpoint trained on both views
     turns it on itself. ``oracle_version`` pins the scripted oracle's revision (demos, corrector and the
     ``oracle_action`` labels; None: the current one). ``gpus`` is each actor's GPU share for a checkpoint policy,
-    used where the cluster has GPUs. Returns the summary dict (also written to ``out_dir/collect.json``), with
-    ``policy_device``: where this call's actors ran the policy (None if every episode was already on disk).
+    used where the cluster has GPUs (with the inference service: each replica's, unless
+    ``inference.gpus_per_replica`` says). ``envs_per_worker`` envs per actor; ``inference`` (default: on) sends a
+    checkpoint policy's observations to the batched service (:mod:`apo_ray.inference`). Returns the summary dict
+    (also written to ``out_dir/collect.json``), with ``policy_device``: where this call's actors ran the policy
+    (None if every episode was already on disk).
     """
-    validate_request(task, scenario, policy, episodes, workers, gpus)
+    validate_request(task, scenario, policy, episodes, workers, gpus, envs_per_worker)
+    inference = inference if inference is not None else InferenceConfig()
     views = policy_views(policy)
     if wrist and views == 1 and not is_scripted(policy):
         raise UserError("the policy checkpoint takes agentview alone; the wrist camera would change its images",
@@ -307,13 +442,19 @@ def collect(task: str, scenario: str, policy: str, episodes: int, workers: int, 
         if path.exists():
             done[i] = read_episode_stats(path)
     todo = [i for i in range(len(seeds)) if i not in done]
-    new_steps, wall, device = 0, 0.0, None
+    run = _Run(0, 0.0, None, 0)
     if todo:
-        new_steps, wall, device = _run_parallel(task, scenario, policy, out, round_, corrector, image_size,
-                                                horizon, videos, address, seeds, todo, done, workers, progress,
-                                                label, wrist, oracle_version, 0.0 if is_scripted(policy) else gpus)
+        service = inference.enabled and not is_scripted(policy)
+        spec = rollout_spec(task, scenario, policy, out, round_=round_, corrector=corrector, image_size=image_size,
+                            horizon=horizon, wrist=wrist, oracle_version=oracle_version, service=service)
+        run = _run_parallel(spec, address, seeds, todo, done, workers, envs_per_worker if service else 1,
+                            videos, progress, label, 0.0 if is_scripted(policy) else gpus,
+                            inference if service else None)
     stats = [done[i] for i in range(len(seeds))]
-    summary = {**summarize(stats, wall, new_steps), "policy_device": device}
+    summary = {**summarize(stats, run.wall, run.steps), "policy_device": run.device}
+    if run.inference is not None:  # the service's decodes of this call (a restarted replica's counts start over)
+        summary["inference"] = run.inference
+        summary["inference_reruns"] = run.reruns
     write_json(out / "collect.json", {"task": task, "scenario": scenario, "policy": policy,
                                       "round": round_, "seeds": seeds, **summary})
     return summary
@@ -340,15 +481,18 @@ def actor_capacity(placement: dict[str, Any], cluster: dict[str, float]) -> int:
 
 _pool: dict[str, list[Any]] | None = None
 """Idle rollout actors by placement, while :func:`keep_actors` is open; None: each call kills its own."""
+_services: dict[str, Any] = {}
+"""Idle inference services (:class:`apo_ray.inference.InferenceService`) by placement and config, likewise."""
 
 
 @contextlib.contextmanager
 def keep_actors() -> Iterator[None]:
-    """Within this block (inside one Ray session) :func:`collect` hands its CPU actors back instead of killing
-    them, and the next call retargets them: a lifelong loop's evaluations and the next round's deployments then
-    skip the actor start, the torch and robosuite imports and, with the same policy, its load. An idle actor
-    on a ``sim`` slot holds memory only; one that holds a CPU (a cluster without ``sim``) must go before a stage
-    that needs the CPUs: call ``release_actors(cpu_only=True)`` before a dataset build or a training run."""
+    """Within this block (inside one Ray session) :func:`collect` hands its CPU actors and its inference service
+    back instead of killing them, and the next call retargets them: a lifelong loop's evaluations and the next
+    round's deployments then skip the actor start, the torch and robosuite imports and, with the same policy, its
+    load. An idle actor on a ``sim`` slot holds memory only; one that holds a CPU or a GPU (a cluster without
+    ``sim``, an inference replica) must go before a stage that needs them: call ``release_actors(cpu_only=True)``
+    before a dataset build or a training run."""
     global _pool
     _pool = {}
     try:
@@ -359,7 +503,10 @@ def keep_actors() -> Iterator[None]:
 
 
 def release_actors(cpu_only: bool = False) -> None:
-    """Kill the idle pooled actors (with ``cpu_only``, those whose placement claims CPUs)."""
+    """Kill the idle pooled actors and inference services (with ``cpu_only``, those whose placement claims CPUs)."""
+    for key in list(_services):
+        if not cpu_only or json.loads(key)["placement"].get("num_cpus", 0) > 0:
+            _services.pop(key).kill()
     if not _pool:
         return
     import ray
@@ -369,67 +516,140 @@ def release_actors(cpu_only: bool = False) -> None:
             ray.kill(a)
 
 
-def _run_parallel(task, scenario, policy, out, round_, corrector, image_size, horizon, videos, address, seeds,
-                  todo, done, workers, progress, label, wrist, oracle_version, gpus) -> tuple[int, float, str]:
+@dataclass(frozen=True)
+class _Run:
+    steps: int
+    wall: float
+    device: str | None
+    reruns: int
+    inference: dict[str, Any] | None = None
+
+
+def _start_service(policy: str, inference: InferenceConfig, gpus: float, offers: dict[str, float],
+                   label: str) -> tuple[Any, str | None, dict[str, float]]:
+    """The stage's inference service (a pooled one retargeted, or new), its pool key, and what the cluster
+    offers the env runners beside it."""
+    from apo_ray.inference import InferenceService, replica_placement
+
+    share = inference.gpus_per_replica or gpus
+    placement = replica_placement(share, offers)
+    if share > 0 and "num_gpus" not in placement:
+        print(f"[{label}] inference replicas asked for {share:g} GPU but the cluster has no GPU: the policy runs "
+              "on CPU", file=sys.stderr)
+    cap = actor_capacity(placement, offers)
+    if cap < 1:
+        raise UserError(f"the cluster cannot hold one inference replica ({placement})", "inference.replicas",
+                        "add a node with a CPU (and the GPU share asked for), or start Ray with more CPUs")
+    n = min(inference.replicas, cap)
+    if n < inference.replicas:
+        print(f"[{label}] {inference.replicas} inference replicas but the cluster holds {cap}: using {n}",
+              file=sys.stderr)
+    key = json.dumps({"placement": placement, "config": dataclasses.asdict(inference), "n": n}, sort_keys=True)
+    svc = _services.pop(key, None) if _pool is not None else None
+    if svc is not None:
+        svc.load(policy)
+    else:
+        svc = InferenceService.start(policy, inference, placement, n)
+    rest = dict(offers)
+    rest["CPU"] = rest.get("CPU", 0.0) - n * placement.get("num_cpus", 0)
+    rest["GPU"] = rest.get("GPU", 0.0) - n * placement.get("num_gpus", 0)
+    return svc, (key if _pool is not None else None), rest
+
+
+def _run_parallel(spec: dict[str, Any], address: str | None, seeds: list[int], todo: list[int],
+                  done: dict[int, EpisodeStats], workers: int, envs_per_worker: int, videos: int, progress: bool,
+                  label: str, gpus: float, inference: InferenceConfig | None) -> _Run:
     import ray
 
     from apo_ray.ray_utils import cluster_offers, ray_session
 
     with ray_session(address):
-        placement = actor_placement(gpus, offers := cluster_offers())
-        if gpus > 0 and "num_gpus" not in placement:
+        offers = cluster_offers()
+        service, service_key = None, None
+        runner_gpus = 0.0 if inference is not None else gpus  # with the service, runners hold no model
+        placement = actor_placement(runner_gpus, offers)
+        if runner_gpus > 0 and "num_gpus" not in placement:
             print(f"[{label}] gpus_per_worker {gpus} but the cluster has no GPU: the policy runs on CPU",
                   file=sys.stderr)
-        spec = rollout_spec(task, scenario, policy, out, round_=round_, corrector=corrector, image_size=image_size,
-                            horizon=horizon, wrist=wrist, oracle_version=oracle_version)
         # GPU shares are never pooled: an idle actor's share would keep the trainer off that GPU
         pool_key = json.dumps(placement, sort_keys=True) if _pool is not None and "num_gpus" not in placement else None
-        cap = actor_capacity(placement, offers)
-        if cap < 1:
-            raise UserError(f"the cluster cannot hold one rollout actor ({placement})", "collect/eval workers",
-                            "add a node with a CPU (and the GPU share asked for), or start Ray with more CPUs")
-        if workers > cap:  # the rest would wait for a slot forever: their first call blocks the stage
-            print(f"[{label}] {workers} workers but the cluster holds {cap} rollout actors at once: using {cap}",
-                  file=sys.stderr)
-        n = min(workers, len(todo), cap)
-        actors = _pool.pop(pool_key, []) if pool_key is not None else []
-        for a in actors[n:]:
-            ray.kill(a)
-        actors = actors[:n]
-        actor_cls = ray.remote(RolloutWorker).options(max_restarts=3, max_task_retries=3, **placement)
-        actors += [actor_cls.remote(**spec) for _ in range(n - len(actors))]
-        bar = _Progress(len(todo), label, progress)
-        queue = list(todo)
-        pending: dict[Any, tuple[int, Any]] = {}
-        steps, ok = 0, False
-
-        def submit(actor: Any) -> None:
-            i = queue.pop(0)
-            pending[actor.run_episode.remote(seeds[i], i < videos, spec)] = (i, actor)
-
+        actors: list[Any] = []
+        ok = False
         try:
-            # env construction (or a pooled actor's retargeting) is not part of the step rate
-            ray.get([a.retarget.remote(spec) for a in actors])
-            device = ",".join(sorted(set(ray.get([a.ping.remote() for a in actors]))))
-            t0 = time.monotonic()
-            for a in actors:
-                if queue:
-                    submit(a)
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                i, actor = pending.pop(ready[0])
-                st = ray.get(ready[0])
-                done[i] = st
-                steps += st.steps
-                bar.update(st, steps)
-                if queue:
-                    submit(actor)
-            wall, ok = time.monotonic() - t0, True
+            if inference is not None:
+                service, service_key, offers = _start_service(spec["policy"], inference, gpus, offers, label)
+            cap = actor_capacity(placement, offers)
+            if cap < 1:
+                raise UserError(f"the cluster cannot hold one rollout actor ({placement})", "collect/eval workers",
+                                "add a node with a CPU (and the GPU share asked for), or start Ray with more CPUs")
+            if workers > cap:  # the rest would wait for a slot forever: their first call blocks the stage
+                print(f"[{label}] {workers} workers but the cluster holds {cap} rollout actors at once: using {cap}",
+                      file=sys.stderr)
+            n = min(workers, -(-len(todo) // envs_per_worker), cap)
+            actors = _pool.pop(pool_key, []) if pool_key is not None else []
+            for a in actors[n:]:
+                ray.kill(a)
+            actors = actors[:n]
+            actor_cls = ray.remote(EnvRunner).options(max_restarts=3, max_task_retries=3, **placement)
+            actors += [actor_cls.remote(**spec) for _ in range(n - len(actors))]
+            result = _drive(actors, spec, seeds, todo, done, min(envs_per_worker, -(-len(todo) // n)), videos,
+                            progress, label, service)
+            ok = True
         finally:
-            bar.close()
             if ok and pool_key is not None and _pool is not None:
                 _pool[pool_key] = actors
             else:
                 for a in actors:
                     ray.kill(a)
-    return steps, wall, device
+            if service is not None:
+                if ok and service_key is not None and _pool is not None:
+                    _services[service_key] = service
+                else:
+                    service.kill()
+    return result
+
+
+def _drive(actors: list[Any], spec: dict[str, Any], seeds: list[int], todo: list[int], done: dict[int, EpisodeStats],
+           per_actor: int, videos: int, progress: bool, label: str, service: Any) -> _Run:
+    """Keep ``per_actor`` episodes in flight on every actor until ``todo`` is done; fill ``done``."""
+    import ray
+
+    # env construction (or a pooled actor's retargeting) is not part of the step rate
+    ready = ray.get([a.setup.remote(spec, per_actor) for a in actors])
+    device = service.device if service is not None else ",".join(sorted({r["device"] for r in ready}))
+    clients = [service.client(j) if service is not None else None for j in range(len(actors))]
+    counts0 = service.counts() if service is not None else (0, 0)
+    bar = _Progress(len(todo), label, progress)
+    queue = list(todo)
+    pending: dict[Any, tuple[int, int]] = {}
+    steps = 0
+
+    def submit(j: int) -> None:
+        i = queue.pop(0)
+        pending[actors[j].episode.remote(seeds[i], i < videos, spec, clients[j])] = (i, j)
+
+    try:
+        t0 = time.monotonic()
+        for _ in range(per_actor):
+            for j in range(len(actors)):
+                if queue:
+                    submit(j)
+        while pending:
+            got, _ = ray.wait(list(pending), num_returns=1)
+            i, j = pending.pop(got[0])
+            st = ray.get(got[0])
+            done[i] = st
+            steps += st.steps
+            bar.update(st, steps)
+            if queue:
+                submit(j)
+        wall = time.monotonic() - t0
+    finally:
+        bar.close()
+    after = ray.get([a.setup.remote(spec, 0) for a in actors])
+    reruns = sum(a["reruns"] - b["reruns"] for a, b in zip(after, ready, strict=True))
+    batches = None
+    if service is not None:
+        decodes, rows = (b - a for a, b in zip(counts0, service.counts(), strict=True))
+        batches = {"decodes": decodes, "rows": rows, "mean_rows": round(rows / decodes, 3) if decodes > 0 else 0.0}
+    return _Run(steps, wall, device, max(reruns, 0), batches)
