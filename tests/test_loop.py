@@ -28,12 +28,14 @@ E2E_OVERRIDES = ["loop.rounds=1"]
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "docs" / "experiments").glob("*.yaml")),
                          ids=lambda p: p.name)
-def test_every_shipped_config_loads_and_plans(path: Path) -> None:
+def test_every_shipped_config_loads_and_plans(path: Path, monkeypatch) -> None:
     """A config the README, a study or a script names must load, pass the loop's checks and plan round 0 first."""
+    monkeypatch.chdir(ROOT)  # a loop.base_policy is relative to the repository root, where make runs
     cfg = config.load(path)
     check_config(cfg)
     keys = [s.key for s in plan(cfg)]
-    assert keys[:3] == ["r0/demos/collect/nominal", "r0/base/dataset", "r0/base/train"] and len(keys) == len(set(keys))
+    r0 = ["r0/demos/collect/nominal", *([] if cfg.loop.base_policy else ["r0/base/dataset"]), "r0/base/train"]
+    assert keys[:len(r0)] == r0 and len(keys) == len(set(keys))
 
 
 def test_plan_shares_round1_and_accumulates() -> None:
@@ -96,6 +98,33 @@ def test_run_dir_refuses_a_different_config(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"'collect.oracle_version' differs \(1 there, 2 now\)"):
         prepare_run_dir(config.load(SMOKE, old), st, resume=True)
     prepare_run_dir(config.load(SMOKE, [*old, "collect.oracle_version=1"]), st, resume=True)
+
+
+def test_loop_log_is_timestamped_appended_and_names_where_a_run_stopped(tmp_path: Path, monkeypatch) -> None:
+    import re
+
+    from apo_ray import loop as L
+
+    run = tmp_path / "run"
+    echoed: list[str] = []
+
+    def stops(self: L.Loop) -> dict:
+        self.log("[r0/demos/collect/nominal] done in 1.0 s: 3 episodes")
+        L.set_progress(self.run_dir, "r0/base/dataset", round=0, arm="base", kind="dataset")
+        raise UserError("a bad episode", "x.parquet", "fix it")
+
+    monkeypatch.setattr(L.Loop, "run", stops)
+    with pytest.raises(UserError):
+        L.run_loop(config.load(SMOKE), run, progress=False, log=echoed.append)
+    monkeypatch.setattr(L.Loop, "run", lambda self: {"ran": 14, "seconds": 9.5, "report": "r.html"})
+    L.run_loop(config.load(SMOKE), run, resume=True, progress=False, log=echoed.append)
+    lines = (run / L.LOG_FILE).read_text().splitlines()
+    assert echoed == ["[r0/demos/collect/nominal] done in 1.0 s: 3 episodes"]  # the file-only lines are not echoed
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", ln) for ln in lines), lines
+    body = [ln.split(" ", 1)[1] for ln in lines]
+    assert body[0].startswith("apo-ray loop (pid ") and body[1] == echoed[0]
+    assert body[2] == "stopped in r0/base/dataset: UserError: error: a bad episode (x.parquet); fix: fix it"
+    assert body[3].startswith("apo-ray loop (pid ") and body[4] == "finished: 14 stages run, 9.5 s; report r.html"
 
 
 def test_chaos_kill_timing_follows_the_runs_pace(tmp_path: Path) -> None:
@@ -167,6 +196,8 @@ def test_loop_end_to_end_killed_and_resumed(tmp_path: Path, monkeypatch) -> None
     assert res["same_structure"] and res["same_content"], res
     run = tmp_path / "chaos"
     assert not (run / ".work").exists() or not list((run / ".work").iterdir())
+    log = (run / "loop.log").read_text()  # one file across the kills: each resume appended to it
+    assert log.count("apo-ray loop (pid ") >= 2 and "finished: " in log and "[r1/apo/train] done in" in log
     _fork_and_finish(ref, tmp_path / "fork")
 
 
