@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from apo_ray import fsio
-from apo_ray.stats import newcombe_interval
+from apo_ray.stats import mcnemar_exact_p, newcombe_interval
 
 KEY_RE = re.compile(r"^r(?P<round>\d+)/(?P<arm>[^/]+)/(?P<stage>collect|dataset|train|eval)(?:/(?P<scenario>.+))?$")
 BASE_ARM = "base"
@@ -76,11 +76,25 @@ def success_rows(run: Run) -> list[dict[str, Any]]:
     """One row per (arm, scenario, round). The base policy's round-0 result opens every arm's curve."""
     rows = []
     for k, res in run.of("eval"):
-        rows.append({"round": k["round"], "arm": k["arm"], "scenario": k["scenario"],
+        rows.append({"key": k["key"], "round": k["round"], "arm": k["arm"], "scenario": k["scenario"],
                      "success_rate": float(res["success_rate"]), "ci95": list(res.get("ci95", [math.nan] * 2)),
                      "episodes": int(res["episodes"]), "successes": int(res.get("successes", 0)),
                      "mean_length": res.get("mean_length")})
     return rows
+
+
+def eval_outcomes(run_dir: Path, key: str) -> dict[int, bool]:
+    """Seed -> success of each episode an eval stage wrote (``<key>/episodes/*.parquet``), for paired tests."""
+    import pyarrow.parquet as pq
+
+    out: dict[int, bool] = {}
+    for f in sorted((run_dir / key / "episodes").glob("*.parquet")):
+        if f.name.startswith(fsio.TMP_PREFIX):
+            continue
+        t = pq.read_table(f, columns=["seed", "success"])
+        if t.num_rows:
+            out[int(t.column("seed")[0].as_py())] = bool(t.column("success")[0].as_py())
+    return out
 
 
 def intervention_rows(run: Run) -> list[dict[str, Any]]:
@@ -167,12 +181,17 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def difference_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def difference_rows(rows: list[dict[str, Any]], outcomes: dict[str, dict[int, bool]] | None = None
+                    ) -> list[dict[str, Any]]:
     """Success differences, in the same round and scenario: each arm minus the base policy, and each pair of arms.
 
     The 95% interval is Newcombe's hybrid score interval. It treats the two cells as independent; for cells scored
-    on the same seeds that is conservative whenever their outcomes correlate positively, as they usually do.
+    on the same seeds that is conservative whenever their outcomes correlate positively, as they usually do. The
+    design is paired (every arm is evaluated on the same seeds), so where ``outcomes`` (eval key -> seed ->
+    success) holds both cells, the exact McNemar test on the seeds they share goes beside it: ``discordant`` =
+    [seeds only ``arm`` solved, seeds only ``minus`` solved], ``mcnemar_p`` its two-sided p-value.
     """
+    outcomes = outcomes or {}
     base = {r["scenario"]: r for r in rows if r["arm"] == BASE_ARM}
     cell = {(r["arm"], r["scenario"], r["round"]): r for r in rows if r["arm"] != BASE_ARM}
     arms = sorted({a for a, _, _ in cell})
@@ -183,8 +202,15 @@ def difference_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if y is None:
                 continue
             lo, hi = newcombe_interval(x["successes"], x["episodes"], y["successes"], y["episodes"])
-            out.append({"scenario": sc, "round": rd, "arm": arm, "minus": b,
-                        "difference": x["success_rate"] - y["success_rate"], "ci95": [lo, hi]})
+            d = {"scenario": sc, "round": rd, "arm": arm, "minus": b,
+                 "difference": x["success_rate"] - y["success_rate"], "ci95": [lo, hi],
+                 "paired": 0, "discordant": None, "mcnemar_p": None}
+            ox, oy = outcomes.get(x.get("key", "")), outcomes.get(y.get("key", ""))
+            if ox and oy and (common := sorted(set(ox) & set(oy))):
+                only_a = sum(ox[s] and not oy[s] for s in common)
+                only_b = sum(oy[s] and not ox[s] for s in common)
+                d.update(paired=len(common), discordant=[only_a, only_b], mcnemar_p=mcnemar_exact_p(only_a, only_b))
+            out.append(d)
     return out
 
 
@@ -200,12 +226,68 @@ def differences_markdown(diffs: list[dict[str, Any]]) -> str:
         vals = []
         for rd in rounds:
             d = cell.get((a, b, sc, rd))
-            vals.append(f"{100 * d['difference']:+.0f} [{100 * d['ci95'][0]:+.0f}, {100 * d['ci95'][1]:+.0f}]"
+            vals.append(_fmt_diff(d) + (f" p={d['mcnemar_p']:.2g}" if d and d["mcnemar_p"] is not None else "")
                         if d else "–")
         lines.append(f"| {a} − {b} | {sc} | " + " | ".join(vals) + " |")
-    lines += ["", "Success difference in percentage points (Newcombe 95% CI); an interval that excludes 0 "
-              "separates the two arms."]
+    lines += ["", DIFF_NOTE]
     return "\n".join(lines) + "\n"
+
+
+DIFF_NOTE = ("Success difference in percentage points (Newcombe 95% CI; an interval that excludes 0 separates the "
+             "two arms), and p: the exact McNemar test on the seeds both were evaluated on (paired design; the "
+             "seeds only one of them solved decide it).")
+
+
+def _fmt_diff(d: dict[str, Any]) -> str:
+    return f"{100 * d['difference']:+.0f} [{100 * d['ci95'][0]:+.0f}, {100 * d['ci95'][1]:+.0f}]"
+
+
+def results_html(rows: list[dict[str, Any]]) -> str:
+    """The success table (results_markdown's cells) as an HTML table."""
+    if not rows:
+        return "<p><i>no evaluation finished yet</i></p>"
+    rounds = sorted({r["round"] for r in rows})
+    base = {r["scenario"]: r for r in rows if r["arm"] == BASE_ARM}
+    arms = sorted({r["arm"] for r in rows if r["arm"] != BASE_ARM}) or [BASE_ARM]
+    cell = {(r["arm"], r["scenario"], r["round"]): r for r in rows}
+    head = "<tr><th>arm</th><th>scenario</th>" + "".join(f"<th>round {r}</th>" for r in rounds) + "</tr>"
+    body = []
+    for arm in arms:
+        for sc in sorted({r["scenario"] for r in rows}):
+            tds = []
+            for rd in rounds:
+                r = cell.get((arm, sc, rd)) or (base.get(sc) if rd == 0 else None)
+                tds.append(f"<td>{html.escape(_fmt_rate(r)) if r else '–'}</td>")
+            body.append(f"<tr><td class='l'>{html.escape(arm)}</td><td class='l'>{html.escape(sc)}</td>"
+                        + "".join(tds) + "</tr>")
+    n = ", ".join(map(str, sorted({r["episodes"] for r in rows})))
+    return (f"<table>{head}{''.join(body)}</table><p class='note'>Success % (Wilson 95% CI), {n} held-out episodes "
+            "per cell; round 0 is the BC base policy shared by all arms.</p>")
+
+
+def differences_html(diffs: list[dict[str, Any]]) -> str:
+    """Each pair's difference with its Newcombe interval, and beside it the paired McNemar test."""
+    if not diffs:
+        return ""
+    rounds = sorted({d["round"] for d in diffs})
+    cell = {(d["arm"], d["minus"], d["scenario"], d["round"]): d for d in diffs}
+    head = ("<tr><th rowspan='2'>difference</th><th rowspan='2'>scenario</th>"
+            + "".join(f"<th colspan='2'>round {r}</th>" for r in rounds) + "</tr><tr>"
+            + "<th>Δ pp [Newcombe 95% CI]</th><th>McNemar p (discordant)</th>" * len(rounds) + "</tr>")
+    body = []
+    for a, b, sc in sorted({(d["arm"], d["minus"], d["scenario"]) for d in diffs}, key=lambda t: (t[2], t[1], t[0])):
+        tds = []
+        for rd in rounds:
+            d = cell.get((a, b, sc, rd))
+            if d is None:
+                tds.append("<td>–</td><td>–</td>")
+                continue
+            p = "–" if d["mcnemar_p"] is None else \
+                f"{d['mcnemar_p']:.2g} ({d['discordant'][0]} vs {d['discordant'][1]} of {d['paired']})"
+            tds.append(f"<td>{html.escape(_fmt_diff(d))}</td><td>{html.escape(p)}</td>")
+        body.append(f"<tr><td class='l'>{html.escape(a)} − {html.escape(b)}</td><td class='l'>{html.escape(sc)}</td>"
+                    + "".join(tds) + "</tr>")
+    return f"<table>{head}{''.join(body)}</table><p class='note'>{html.escape(DIFF_NOTE)}</p>"
 
 
 def _fmt_rate(r: dict[str, Any]) -> str:
@@ -376,7 +458,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     curves = train_curves(run)
     videos = pick_videos(run)
     out = run.run_dir / "report"
-    diffs = difference_rows(succ)
+    diffs = difference_rows(succ, {r["key"]: eval_outcomes(run.run_dir, r["key"]) for r in succ})
     md = results_markdown(succ)
     dmd = differences_markdown(diffs)
     fsio.write_bytes(out / "results.md", (md + ("\n" + dmd if dmd else "")).encode())
@@ -393,7 +475,8 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
         "<!doctype html><html><head><meta charset='utf-8'><title>apo_ray report</title><style>",
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px} table{border-collapse:collapse;"
         "margin:.5em 0} td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-align:right}"
-        " img{max-width:100%} video{width:256px;margin:4px;image-rendering:pixelated} code{background:#eee}",
+        " img{max-width:100%} video{width:256px;margin:4px;image-rendering:pixelated} code{background:#eee}"
+        " th{background:#f3f3f3} td.l{text-align:left} p.note{font-size:12px;color:#555}",
         "</style></head><body>",
         f"<h1>apo_ray lifelong run: {html.escape(env.get('task', '?'))}</h1>",
         f"<p>run dir <code>{html.escape(str(run.run_dir))}</code>; {len(run.order)} stages complete"
@@ -402,8 +485,8 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
           f"{html.escape(', '.join(loop.get('scenarios', [])))}; original scenario "
           f"{html.escape(env.get('scenario', '?'))}.</p>",
         "<h2>Success per round (held-out seeds, no corrector)</h2>", _img(plot_success(succ), "success curves"),
-        "<pre>" + html.escape(md) + "</pre>",
-        *(["<h3>Differences</h3>", "<pre>" + html.escape(dmd) + "</pre>"] if dmd else []),
+        results_html(succ),
+        *(["<h3>Differences between arms</h3>", differences_html(diffs)] if diffs else []),
         "<h2>Interventions during deployment</h2>", _img(plot_interventions(inter), "intervention plot"),
         _table(inter, ["round", "arm", "scenario", "episodes", "intervention_episodes", "interventions",
                        "intervention_steps", "steps", "episode_rate", "step_rate", "deploy_success_rate"]),

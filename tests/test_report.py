@@ -9,12 +9,14 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from apo_ray.journal import Journal
 from apo_ray.report import load_run, results_markdown, success_rows, train_curves, write_report
-from apo_ray.stats import newcombe_interval
+from apo_ray.stats import mcnemar_exact_p, newcombe_interval
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -35,6 +37,16 @@ def _make_run(root: Path, rng: random.Random) -> dict:
                "successes": k, "mean_length": 50.0, "scenario": sc}
         truth["eval"][key] = res
         rec(key, res)
+        # one episode file per seed (the same held-out seeds in every cell), k of them successes
+        seeds = list(range(100_000, 100_000 + n))
+        won = set(rng.sample(seeds, k))
+        truth.setdefault("outcomes", {})[key] = {s: s in won for s in seeds}
+        (root / key / "episodes").mkdir(parents=True)
+        for s in seeds:
+            steps = rng.randint(1, 4)
+            pq.write_table(pa.table({"seed": pa.array([s] * steps, pa.int64()),
+                                     "success": pa.array([s in won] * steps, pa.bool_())}),
+                           root / key / "episodes" / f"lift-{s}.parquet")
 
     (root / "config.json").write_text(json.dumps({"env": {"task": "lift", "scenario": "nominal"},
                                                   "loop": {"arms": ["apo", "dagger"], "scenarios": ["position"]}}))
@@ -107,7 +119,20 @@ def test_report_sections_and_numbers(tmp_path: Path) -> None:
     row = next(line for line in md.splitlines() if line.startswith("| apo − dagger | position |"))
     cell = [c.strip() for c in row.strip("|").split("|")][3]  # round 2
     lo, hi = newcombe_interval(apo_r2["successes"], 20, dag_r2["successes"], 20)
-    assert cell == f"{100 * (apo_r2['success_rate'] - dag_r2['success_rate']):+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}]"
+    # beside it the paired McNemar test, its discordant seeds counted here from the episode files' outcomes
+    oa, ob = truth["outcomes"]["r2/apo/eval/position"], truth["outcomes"]["r2/dagger/eval/position"]
+    only_a, only_b = sum(oa[s] and not ob[s] for s in oa), sum(ob[s] and not oa[s] for s in oa)
+    p = mcnemar_exact_p(only_a, only_b)
+    assert cell == (f"{100 * (apo_r2['success_rate'] - dag_r2['success_rate']):+.0f} [{100 * lo:+.0f}, "
+                    f"{100 * hi:+.0f}] p={p:.2g}")
+    d = next(d for d in data["differences"] if (d["arm"], d["minus"], d["scenario"], d["round"]) ==
+             ("apo", "dagger", "position", 2))
+    assert (d["discordant"], d["paired"], d["mcnemar_p"]) == ([only_a, only_b], 20, p)
+    assert all(d["paired"] == 20 and d["mcnemar_p"] is not None for d in data["differences"])
+    # the report shows both tables as HTML tables, the McNemar column beside Newcombe's
+    assert "<pre>" not in text and "<table><tr><th>arm</th><th>scenario</th><th>round 0</th>" in text
+    assert "<th>McNemar p (discordant)</th>" in text
+    assert f"<td>{p:.2g} ({only_a} vs {only_b} of 20)</td>" in text
     row = next(line for line in md.splitlines() if line.startswith("| dagger − base | nominal |"))
     d = truth["eval"]["r1/dagger/eval/nominal"]["successes"] - truth["eval"]["r0/base/eval/nominal"]["successes"]
     assert [c.strip() for c in row.strip("|").split("|")][2].startswith(f"{100 * d / 20:+.0f} [")
