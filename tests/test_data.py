@@ -84,6 +84,35 @@ def test_pools_slots_schedule() -> None:
     assert sorted(picks[2].reshape(-1)[:3].tolist()) == [0, 1, 2]  # small pool cycles: full pass first
     again = D.schedule((10, 5, 3), (4, 2, 2), 3, seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(picks, again, strict=True))
+    other = D.schedule((10, 5, 3), (4, 2, 2), 3, seed=0, epoch=1)  # each epoch draws afresh
+    assert not all(np.array_equal(a, b) for a, b in zip(picks, other, strict=True))
+    assert sorted(other[1].reshape(-1)[:5].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_fresh_schedules_cover_a_large_pool_as_computed_by_hand() -> None:
+    """Lift round-1-like pools (correct 7,400 / interaction 1,167 / incorrect 125) at 4/2/2: an epoch is 584
+    batches (ceil(1167/2)) and shows 2,336 correct samples. A fixed schedule shows those same 2,336 (32%) every
+    epoch; fresh schedules reach n(1-(1-p)^k) distinct ones after k epochs (p = 2336/7400), every interaction
+    step exactly once per epoch."""
+    sizes, slots = (7400, 1167, 125), (4, 2, 2)
+    n = D.num_batches(sizes, slots)
+    assert n == 584
+    p = n * 4 / 7400
+    seen: set[int] = set()
+    got = []
+    for e in range(5):
+        picks = D.schedule(sizes, slots, n, seed=0, epoch=e)
+        assert len(np.unique(picks[0])) == n * 4  # within an epoch no correct sample repeats
+        assert sorted(picks[1].reshape(-1)[:1167].tolist()) == list(range(1167))
+        seen |= set(picks[0].reshape(-1).tolist())
+        got.append(len(seen))
+    want = [7400 * (1 - (1 - p) ** k) for k in range(1, 6)]
+    assert got[0] == 2336
+    for g, w in zip(got, want, strict=True):
+        assert abs(g - w) < 0.01 * 7400, (got, want)  # within 1% of the pool (about 1.7 binomial sd)
+    # measured: 2,336 / 3,974 / 5,041 / 5,801 / 6,296 (85%) after 1..5 epochs; by hand 2,336 / 3,935 / 5,029 /
+    # 5,777 / 6,289. With p = 0.32 three epochs give (1-(1-p)^3)/p = 2.15x one epoch's (3x needs a small p)
+    assert got[2] / got[0] == pytest.approx((1 - (1 - p) ** 3) / p, rel=0.01)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,6 +220,45 @@ def test_pipeline_end_to_end(ray_local, inputs: tuple[Path, Path], tmp_path: Pat
     other = D.build_dataset([eps], [demos], out, DataConfig(k=1), vocab_size=1000)
     assert other["dataset_hash"] != summary["dataset_hash"] and other["undesirable"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.ray
+def test_one_fresh_schedule_per_epoch_and_a_hash_over_every_data_key(ray_local, inputs: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    """data.epochs=3: three schedules, each in its own shards in epoch order (batch ids e·3 + b), each with the
+    exact 4/2/2 composition and every interaction step once, and not all alike. The dataset hash covers every
+    DataConfig key: changing only demo_label rebuilds."""
+    eps, demos = inputs
+    out = tmp_path / "ds"
+    s = D.build_dataset([eps], [demos], out, DataConfig(epochs=3), vocab_size=1000)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["batches"] == 3 and m["counts"]["schedules"] == 3
+    assert [sh["epoch"] for sh in m["shards"]] == sorted(sh["epoch"] for sh in m["shards"])
+    rows = read_rows(out)
+    assert [r["batch_id"] for r in rows] == list(range(9))
+    by_epoch = []
+    for e in range(3):
+        rs = rows[3 * e: 3 * e + 3]
+        assert all(r["pool"] == [0, 0, 0, 0, 1, 1, 2, 2] for r in rs)
+        inter = sorted((r["episode_id"][j], r["t"][j]) for r in rs for j in (4, 5))
+        assert len(inter) == 6 and len(set(inter)) == 5  # all 5 interaction steps, one of them cycled again
+        by_epoch.append([r["sample_id"] for r in rs])
+        for r in rs:  # a sample_id names one step, whatever batch it lands in
+            for j in range(8):
+                assert r["sample_id"][j] >= 0
+    assert by_epoch[0] != by_epoch[1] and by_epoch[1] != by_epoch[2]
+    ids = {}
+    for r in rows:
+        for j in range(8):
+            assert ids.setdefault(r["sample_id"][j], (r["episode_id"][j], r["t"][j])) == (r["episode_id"][j], r["t"][j])
+    # every DataConfig key is hashed (the manifest's config is what the hash covers)
+    flat = {**m["config"], **m["config"]["filters"]}
+    assert set(DataConfig.__dataclass_fields__) <= set(flat), set(DataConfig.__dataclass_fields__) - set(flat)
+    again = D.build_dataset([eps], [demos], out, DataConfig(epochs=3), vocab_size=1000)
+    assert again["skipped"] is True
+    relabel = D.build_dataset([eps], [demos], out, DataConfig(epochs=3, demo_label="oracle"), vocab_size=1000)
+    assert relabel["skipped"] is False and relabel["dataset_hash"] != s["dataset_hash"]
+    assert json.loads((out / "manifest.json").read_text())["config"]["demo_label"] == "oracle"
 
 
 @pytest.mark.ray

@@ -216,8 +216,10 @@ def test_train_deepspeed_resume_after_worker_failure(tmp_path, built, init_ckpt,
     steps = rows // 2 * 2
     assert steps >= 6
     assert m["step"] == steps and m.get("final")
-    # resumed from the step-2 checkpoint: samples seen after the restart = steps 3..6 only
-    assert m["samples_seen"] == (steps - 2) * B * 2
+    # resumed from the step-2 checkpoint; samples_seen counts the whole run (kept in the checkpoint), per pool at
+    # the micro-batch's 4/2/2 composition, on 2 ranks
+    assert m["resumed_from_step"] == 2
+    assert m["samples_seen"] == {"correct": steps * 2 * 4, "interaction": steps * 2 * 2, "incorrect": steps * 2 * 2}
     for k in ("loss", "r_D", "r_U", "kl", "sum_lambda_D", "sum_lambda_U", "acc_c2", "l1", "samples_per_s"):
         assert k in m, k
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
@@ -293,7 +295,7 @@ def test_driver_sigkill_resumes_from_last_checkpoint(tmp_path, built):
     rows = json.loads((built / "manifest.json").read_text())["counts"]["batches"]
     assert m["step"] == rows * 30 and m["final"]
     assert m["resumed_from_step"] >= 2 and m["resumed_from_step"] % 2 == 0
-    assert m["samples_seen"] == (m["step"] - m["resumed_from_step"]) * B
+    assert sum(m["samples_seen"].values()) == m["step"] * B  # the whole run's, across the kill
 
 
 @pytest.mark.ray
@@ -374,3 +376,65 @@ def test_hf_kind_with_lora_trains_through_ray_train(tmp_path, ray_local, init_ck
     pol = VLAPolicy(tmp_path / "apo_cached" / "checkpoint", threads=1)
     a = pol.act([{"image": np.zeros((IMG, IMG, 3), np.uint8), "instruction": "lift the cube"}])
     assert a.shape == (1, 7) and np.isfinite(a).all()
+
+
+@pytest.fixture(scope="module")
+def correct_heavy(tmp_path_factory, ray_local):
+    """The real pipeline on a correct-pool-heavy set: 2 policy episodes (one takeover of 6 corrector steps) and
+    6 demo episodes, 3 fresh schedules (data.epochs=3). An epoch is 3 micro-batches (ceil(6 interaction / 2))."""
+    from apo_ray import model as M
+    from apo_ray.bench_data import synth_episodes
+    from apo_ray.config import DataConfig
+    from apo_ray.data import build_dataset
+
+    root = tmp_path_factory.mktemp("heavy")
+    synth_episodes(root / "episodes", episodes=2, steps=30, image_size=IMG)
+    synth_episodes(root / "demos", episodes=6, steps=30, image_size=IMG, seed=1)
+    build_dataset([root / "episodes"], [root / "demos"], root / "ds", DataConfig(epochs=3), vocab_size=M.VOCAB_SIZE)
+    return root / "ds"
+
+
+def _tb_losses(run: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
+@pytest.mark.ray
+def test_fresh_epochs_cover_the_correct_pool_and_resume_mid_epoch_exactly(tmp_path, correct_heavy, monkeypatch):
+    """3 epochs see ~(1-(1-p)^3)/p x the distinct correct samples of 1 epoch (each epoch draws a fresh schedule;
+    before, every epoch replayed the first one's). A run killed mid-epoch 2 and resumed from its step-4
+    checkpoint reproduces the uninterrupted run's per-step losses and coverage."""
+    from apo_ray.trainer import train
+
+    m = json.loads((correct_heavy / "manifest.json").read_text())
+    per_pool, n = m["counts"]["per_pool"], m["counts"]["batches"]
+    assert n == 3 and m["counts"]["batch_composition"] == {"correct": 4, "interaction": 2, "incorrect": 2}
+    cfg = {"objective": "bc", "checkpoint_every": 2}
+    one = train(correct_heavy, "scratch", tmp_path / "one", tiny_cfg(epochs=1, **cfg))
+    three = train(correct_heavy, "scratch", tmp_path / "three", tiny_cfg(epochs=3, **cfg))
+    n_c = per_pool["correct"]
+    p = n * 4 / n_c  # share of the correct pool one epoch shows
+    assert one["samples_seen"] == {"correct": n * 4, "interaction": n * 2, "incorrect": n * 2}
+    assert three["samples_seen"] == {"correct": 3 * n * 4, "interaction": 3 * n * 2, "incorrect": 3 * n * 2}
+    assert one["distinct_seen"]["correct"] == n * 4  # a fresh permutation: no repeats within an epoch
+    assert one["distinct_seen"]["interaction"] == three["distinct_seen"]["interaction"] == per_pool["interaction"]
+    want = n_c * (1 - (1 - p) ** 3)
+    sd = (n_c * (1 - (1 - p) ** 3) * (1 - p) ** 3) ** 0.5
+    got = three["distinct_seen"]["correct"]
+    print(f"correct pool {n_c}, p={p:.4f}: distinct 1 epoch {one['distinct_seen']['correct']}, 3 epochs {got} "
+          f"(by hand {want:.1f} ± {sd:.1f}); seen {one['samples_seen']} / {three['samples_seen']}")
+    assert abs(got - want) <= 3 * sd
+    assert got >= 2.4 * one["distinct_seen"]["correct"]  # about 3x (2.84x by hand at this p), not 1x
+
+    monkeypatch.setenv("APO_RAY_FAIL_AT_STEP", "5")  # epoch 2 of 3, its second step; checkpoint at step 4
+    resumed = train(correct_heavy, "scratch", tmp_path / "resumed", tiny_cfg(epochs=3, **cfg))
+    assert (tmp_path / "resumed" / ".fault-injected-5").exists() and resumed["resumed_from_step"] == 4
+    a, b = _tb_losses(tmp_path / "three"), _tb_losses(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == list(range(1, 10))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a, b)
+    assert len({round(v, 6) for v in a.values()}) == 9  # the losses move, so equal curves are a real check
+    assert resumed["samples_seen"] == three["samples_seen"] and resumed["distinct_seen"] == three["distinct_seen"]
