@@ -232,7 +232,11 @@ class TrainConfig:
     max_failures: int = 1
     """Worker-group restarts (from the last checkpoint) before the run fails."""
     mlflow_uri: str = ""
-    """Also log metrics to this MLflow tracking URI (needs mlflow installed)."""
+    """MLflow tracking URI: the trainer also logs its per-step metrics there, and ``report_to: [mlflow]`` logs the
+    loop's there (empty: RUN_DIR/mlruns). Needs the mlflow extra."""
+    report_to: tuple[str, ...] = ()
+    """Experiment trackers the loop logs the config and each round's success and interventions to: any of
+    tensorboard (RUN_DIR/tb), mlflow, wandb (extras: pip install 'apo_ray[mlflow]'), through Ray's integrations."""
 
 
 @dataclass(frozen=True)
@@ -333,6 +337,11 @@ class Config:
                 fix = (f"did you mean '{close[0]}'? " if close else "") + \
                     f"use {', '.join(names[:-1])} or {names[-1]}"
                 raise UserError(f"unknown {key} '{value}'", f"config {key}", fix)
+        for name in self.train.report_to:
+            if name not in ("tensorboard", "mlflow", "wandb"):
+                close = difflib.get_close_matches(name, ["tensorboard", "mlflow", "wandb"], n=1)
+                raise UserError(f"unknown train.report_to '{name}'", "config train.report_to",
+                                (f"did you mean '{close[0]}'? " if close else "") + "use tensorboard, mlflow or wandb")
         r = self.data.ratios
         if len(r) != 3 or any(x < 0 for x in r) or abs(sum(r) - 1.0) > 1e-6:
             raise UserError(f"data.ratios must be 3 non-negative shares summing to 1, got {list(r)} "

@@ -53,7 +53,7 @@ CONFIG_FILE = "config.json"
 LOG_FILE = "loop.log"
 RESUMABLE_CONFIG_KEYS = ("loop.rounds", "eval.videos", "collect.videos", "collect.workers", "eval.workers",
                          "collect.envs_per_worker", "eval.envs_per_worker", "inference.replicas", "inference.max_wait_ms",
-                         "train.workers", "loop.storage")
+                         "train.workers", "loop.storage", "train.report_to")
 """Keys that may change between a run and its resume: they do not change any completed stage's output."""
 LEGACY_VALUES = {"corrector": {"off_target_steps": 0}, "collect": {"oracle_version": 1}}
 """What a key meant in a run saved before it existed, where that differs from today's default (the trigger was
@@ -405,6 +405,8 @@ class Loop:
     address: str | None = None
     progress: bool = True
     log: Callable[[str], None] = print
+    trackers: Any = None
+    """apo_ray.tracking.Trackers of ``train.report_to``, or None."""
 
     @property
     def run_dir(self) -> Path:
@@ -522,6 +524,8 @@ class Loop:
         path = write_report(self.run_dir)
         if self.storage.remote:
             self.storage.push("report")
+        if self.trackers is not None:  # train.report_to: the round's success and interventions
+            self.trackers.log_rounds()
         return path
 
     def run(self) -> dict[str, Any]:
@@ -636,6 +640,9 @@ def run_loop(cfg: Config, run_dir: str | os.PathLike[str] | None = None, *, resu
              ) -> dict[str, Any]:
     """Run (or continue) the lifelong loop in ``run_dir`` (a local path or a URI; default ``loop.storage``)."""
     check_config(cfg)
+    from apo_ray.tracking import Trackers, check_backends
+
+    check_backends(cfg)
     location = str(run_dir) if run_dir else cfg.loop.storage
     storage = RunStorage(location)
     fsio.refuse_source_tree(storage.local, "--run-dir")
@@ -644,8 +651,9 @@ def run_loop(cfg: Config, run_dir: str | os.PathLike[str] | None = None, *, resu
         runlog = RunLog(storage.local / LOG_FILE, log)
         runlog.write(f"apo-ray loop (pid {os.getpid()}) in {storage.location}: task {cfg.env.task}, arms "
                      f"{', '.join(cfg.loop.arms)}, {cfg.loop.rounds} rounds")
+        trackers = Trackers(cfg, storage.local) if cfg.train.report_to else None
         try:
-            result = Loop(cfg, storage, address=address, progress=progress, log=runlog).run()
+            result = Loop(cfg, storage, address=address, progress=progress, log=runlog, trackers=trackers).run()
         except BaseException as e:  # the file says where and why it stopped; the CLI prints the error itself
             with contextlib.suppress(OSError, ValueError):  # a full disk must not hide the error itself
                 prog = storage.local / "progress.json"
@@ -653,6 +661,9 @@ def run_loop(cfg: Config, run_dir: str | os.PathLike[str] | None = None, *, resu
                 first = (str(e).strip().splitlines() or [""])[0]
                 runlog.write(f"stopped{f' in {stage}' if stage else ''}: {type(e).__name__}: {first}")
             raise
+        finally:
+            if trackers is not None:
+                trackers.close()
         runlog.write(f"finished: {result['ran']} stages run, {result['seconds']} s; report {result['report']}")
         return result
 
