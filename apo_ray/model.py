@@ -395,27 +395,35 @@ class Processor:
 
 # ------------------------------------------------------------------------------------- actions <-> bins
 def prismatic_pixels(images: np.ndarray, spec: dict) -> torch.Tensor:
-    """(N,H,W,3) uint8 → (N, 3·backbones, S, S) as Prismatic's image processor makes them: letterbox to a square
-    (fill = the mean), PIL resize per backbone size and interpolation, /255, normalise by that backbone's
-    mean/std, blocks stacked on channels (OpenVLA-7B: DINOv2 then SigLIP, 6 channels at 224 px)."""
+    """(N,H,W,3) uint8 → (N, 3·backbones, S, S) as Prismatic's image processor makes them: letterbox (or not),
+    PIL resize per backbone size and interpolation (resize-naive: to S × S; else the shorter edge to S and a
+    centre crop), /255, normalise by that backbone's mean/std, blocks stacked on channels (OpenVLA-7B: DINOv2
+    then SigLIP, 6 channels at 224 px)."""
     from PIL import Image
 
     modes = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
     out = []
     for img in np.asarray(images):
         im = Image.fromarray(np.ascontiguousarray(img)).convert("RGB")
+        if spec.get("letterbox") and im.size[0] != im.size[1]:
+            # as Prismatic: int((max - side) / 2) on both sides, filled with the last backbone's mean
+            w, h = im.size
+            hp, vp = int((max(w, h) - w) / 2), int((max(w, h) - h) / 2)
+            pad = Image.new("RGB", (w + 2 * hp, h + 2 * vp), tuple(int(m * 255) for m in spec["means"][-1]))
+            pad.paste(im, (hp, vp))
+            im = pad
         blocks = []
         for i, size in enumerate(spec["sizes"]):
             mean, std = np.asarray(spec["means"][i], np.float32), np.asarray(spec["stds"][i], np.float32)
-            b = im
-            if spec.get("letterbox") and b.size[0] != b.size[1]:
-                w, h = b.size
-                side = max(w, h)
-                pad = Image.new("RGB", (side, side), tuple(int(m * 255) for m in spec["means"][i]))
-                pad.paste(b, ((side - w) // 2, (side - h) // 2))
-                b = pad
-            if b.size != (size, size):
-                b = b.resize((size, size), modes[(spec.get("interpolations") or ["bicubic"] * 8)[i]])
+            b, (w, h) = im, im.size
+            mode = modes[(spec.get("interpolations") or ["bicubic"] * 8)[i]]
+            if spec.get("naive"):  # resize-naive: straight to size × size
+                b = b.resize((size, size), mode) if b.size != (size, size) else b
+            elif min(w, h) != size or w != h:  # shorter edge to size, then a centre crop (letterbox's path)
+                nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+                b = b.resize((nw, nh), mode)
+                top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+                b = b.crop((left, top, left + size, top + size))
             x = np.asarray(b, np.float32) / 255.0
             blocks.append(((x - mean) / std).transpose(2, 0, 1))
         out.append(np.concatenate(blocks, axis=0))
@@ -743,7 +751,8 @@ def _prismatic_pixels(path: Path, cfg: Any) -> dict | None:
                         "use the preprocessor_config.json released with the model")
     return {"sizes": [int(x) for x in sizes], "means": spec["means"], "stds": spec["stds"],
             "interpolations": spec.get("interpolations") or ["bicubic"] * n,
-            "letterbox": spec.get("image_resize_strategy", "letterbox") == "letterbox"}
+            "letterbox": spec.get("image_resize_strategy", "letterbox") == "letterbox",
+            "naive": spec.get("image_resize_strategy") == "resize-naive"}
 
 
 def _dtype_kw(dtype: torch.dtype) -> dict:

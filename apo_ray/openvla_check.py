@@ -194,6 +194,15 @@ def check(openvla_src: str | Path, work: str | Path, steps: int = 4, seed: int =
     res["pixel_values_shape"] = list(ours0.pixel_values.shape)
     res["pixel_max_abs_diff"] = float((theirs0["pixel_values"] - ours0.pixel_values).abs().max())
     res["prompt_ids_match"] = theirs0["input_ids"][0].tolist() + [EMPTY_ID] == ours0.input_ids[0].tolist()
+    # the other two resize strategies, on a non-square image (openvla-7b letterboxes nothing: resize-naive)
+    odd = rng.integers(0, 255, (47, 70, 3), dtype=np.uint8)
+    for strategy in ("letterbox", "resize-crop"):
+        ip = ip_cls(**{**{k: spec[k] for k in ("use_fused_vision_backbone", "input_sizes", "interpolations",
+                                               "means", "stds")}, "image_resize_strategy": strategy})
+        ours_px = M.prismatic_pixels(odd[None], {**proc.meta.pixels, "letterbox": strategy == "letterbox",
+                                                 "naive": False})
+        theirs_px = ip(Image.fromarray(odd), return_tensors="pt")["pixel_values"]
+        res[f"pixel_{strategy}_max_abs_diff"] = float((theirs_px - ours_px).abs().max())
 
     # BC with LoRA: our scoring path, OpenVLA's forward (patches after BOS, its own labels-free logits)
     tokens = torch.as_tensor(A.tokenize(raw, stats, proc.meta.action_offset + A.N_BINS,
@@ -252,7 +261,8 @@ def check(openvla_src: str | Path, work: str | Path, steps: int = 4, seed: int =
 
     res["versions"] = {"transformers": transformers.__version__, "timm": timm.__version__,
                        "torch": torch.__version__}
-    res["ok"] = bool(res["prompt_ids_match"] and res["pixel_max_abs_diff"] < 1e-4 and np.isfinite(res["bc_loss"])
+    px = max(res[k] for k in res if k.startswith("pixel_") and k.endswith("_diff"))
+    res["ok"] = bool(res["prompt_ids_match"] and px < 1e-4 and np.isfinite(res["bc_loss"])
                      and res["apo_cached_vs_live_gap"] < 1e-4 and res["predict_action_max_abs_diff"] < 1e-5)
     return res
 
