@@ -101,7 +101,7 @@ class _Slot:
 class RolloutWorker:
     """An env runner: owns ``envs_per_worker`` envs (built as they are first needed), the oracle and corrector
     beside each, and the policy: a scripted one in-process, a checkpoint either through the batched inference
-    service (:mod:`apo_ray.inference`, the ``service`` argument of :meth:`run_episode_async`) or as its own copy.
+    service (:mod:`apo_ray.inference`, the ``service`` argument of :meth:`episode`) or as its own copy.
 
     What it rolls out is its spec (:func:`rollout_spec`). ``run_episode`` may carry the spec of the episode it
     asks for, and the worker rebuilds only what differs: a pooled actor (:func:`keep_actors`) then serves the
@@ -118,6 +118,7 @@ class RolloutWorker:
         self._vla: Any = None
         self._env_key: tuple | None = None
         self._policy_key: tuple | None = None
+        self.reruns = 0
         self.retarget(rollout_spec(task, scenario, policy, out_dir, **options), load=False)
 
     def retarget(self, spec: dict[str, Any], load: bool = True) -> None:
@@ -262,14 +263,8 @@ class RolloutWorker:
             slot.env.close()
         self._free = []
 
-
-class EnvRunner(RolloutWorker):
-    """:class:`RolloutWorker` as a Ray async actor: every entry point is a coroutine, so they all run on the
-    actor's one event-loop thread, where its envs are built and stepped."""
-
-    def __init__(self, task: str, scenario: str, policy: str, out_dir: str, **options: Any) -> None:
-        super().__init__(task, scenario, policy, out_dir, **options)
-        self.reruns = 0
+    # ---- on Ray: an async actor, every entry point below a coroutine on the actor's one event-loop thread, where
+    # its envs are built and stepped
 
     async def setup(self, spec: dict[str, Any], envs: int) -> dict[str, Any]:
         """Retarget and build ``envs`` envs; returns the policy's device and the episodes re-run so far."""
@@ -309,8 +304,8 @@ class EnvRunner(RolloutWorker):
             await client.wait_back()
         raise AssertionError("unreachable")
 
-    async def rerun_count(self) -> int:
-        return self.reruns
+EnvRunner = RolloutWorker
+"""The name of the Ray actor's role: an env runner."""
 
 
 def rollout_spec(task: str, scenario: str, policy: str, out_dir: str | os.PathLike[str], *, round_: int = 0,
