@@ -723,10 +723,14 @@ def with_lora(model: nn.Module, r: int, alpha: int) -> nn.Module:
 
     from peft import LoraConfig, get_peft_model
 
+    # every linear layer but the output head, by full name: peft's "all-linear" spares the head by name only in
+    # recent versions (peft 0.11, OpenVLA's era, adapts OpenVLA's lm_head and then saves the embeddings too)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
     with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5 (FutureWarning)
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
-                                                target_modules="all-linear", init_lora_weights="gaussian"))
+                                                target_modules=targets, init_lora_weights="gaussian"))
 
 
 OPENVLA_PROMPT = "In: What action should the robot take to {instruction}?\nOut:"

@@ -46,7 +46,8 @@ def llama_like_tokenizer(instructions: list[str]):
     tok = Tokenizer(WordLevel(full, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   model_input_names=["input_ids", "attention_mask"])  # as Llama's: no type ids
     fast.add_special_tokens({"pad_token": "<PAD>"})
     assert fast.vocab_size == BASE_VOCAB and fast.pad_token_id == BASE_VOCAB and len(fast) == BASE_VOCAB + 1
     return fast
@@ -281,7 +282,14 @@ def main(argv: list[str] | None = None) -> int:
               "a checkout of github.com/openvla/openvla")
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        res = check(a.openvla_src, a.work or tmp, a.steps)
+        try:
+            res = check(a.openvla_src, a.work or tmp, a.steps)
+        except Exception as e:  # noqa: BLE001 - the summary line comes last whatever failed
+            import traceback
+
+            traceback.print_exc()
+            res = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                   "bc_loss": None, "apo_cached_vs_live_gap": None, "predict_action_max_abs_diff": None, "steps": 0}
     print(json.dumps(res))
     return 0 if res["ok"] else 1
 
