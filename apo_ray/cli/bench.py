@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--steps", type=int, default=60, help="steps per synthesized episode")
     d.add_argument("--image-size", type=int, default=64, help="synthesized image size")
     d.add_argument("--repeats", type=int, default=3, help="runs of each side; the best is reported")
-    d.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    d.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
     d.set_defaults(func=run, bench_module="apo_ray.bench_data", bench_fn="bench_data")
 
     r = bsub.add_parser("rollout", help="collection steps/s (1 and 2 actors; 1 actor with the tiny VLA) vs the raw robosuite step rate")

@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="keep episodes already in OUT, run the missing ones")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPU share of each actor for a checkpoint policy, run in bf16 (e.g. 0.25); 0 = CPU")
-    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
     add_config_args(p, ("corrector",))
     p.set_defaults(func=run)
 

@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="YAML file of overrides, e.g. configs/smoke.yaml")
     p.add_argument("--run-dir", help="local dir or s3:// URI (default: loop.storage from the config)")
     p.add_argument("--resume", action="store_true", help="require an existing run to continue")
-    p.add_argument("--address", help="Ray cluster address (default: the job's cluster, else embedded Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, as `ray job submit` sets "
+                                     "it, else an embedded Ray)")
     p.add_argument("--no-progress", action="store_true", help="no live progress lines")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, print the stage plan (marking stages the run dir has done) and exit; "
