@@ -42,7 +42,8 @@ HEAD_TYPE = "ray.head.default"
 @dataclass(frozen=True)
 class FakeClusterSpec:
     """Node shapes small enough for a 2-core box: every fake node is a raylet (and its workers) on it."""
-    head_cpus: int = 1
+    head_cpus: int = 2
+    """The driver, dataset builds and Ray Data's listing run on the head (as on cluster.yaml's 4-CPU head)."""
     rollout_cpus: int = 1
     rollout_sims: int = 1
     rollout_max: int = 3
@@ -175,7 +176,6 @@ class Watch:
 
     def run(self) -> None:
         import ray
-        from ray.util.state import list_tasks
 
         alive: dict[str, str] = {}
         last_stage = None
@@ -200,19 +200,28 @@ class Watch:
             if nodes:
                 alive = now_alive
             if kind == self.kill_in and not self.kill and "rollout" in alive.values():
-                try:
-                    running = list_tasks(address=self.cluster.address, filters=[("state", "=", "RUNNING")],
-                                         detail=True, timeout=30)
-                except Exception as e:  # noqa: BLE001 - the state API timed out on a busy box; try again
-                    self.errors.append(f"{self.now()}: list_tasks: {e}"[:200])
-                    running = []
-                # an episode in flight there: a rollout actor's call other than its start and set-up
-                busy = {t.node_id for t in running if t.type == "ACTOR_TASK" and not any(
-                    w in (t.func_or_class_name or "") for w in ("__init__", "ping", "retarget"))}
-                victims = [i for i in busy if alive.get(i) == "rollout"]
-                if victims:
-                    self._kill(nodes[victims[0]], key)
+                victim = self._victim(alive)
+                if victim:
+                    self._kill(nodes[victim], key)
             self.stop.wait(0.5)
+
+    def _victim(self, alive: dict[str, str]) -> str | None:
+        """A rollout node that runs an episode now, else one that holds a rollout actor of this stage."""
+        from ray.util.state import list_actors, list_tasks
+
+        try:
+            running = list_tasks(address=self.cluster.address, filters=[("state", "=", "RUNNING")], detail=True,
+                                 timeout=30)
+            actors = list_actors(address=self.cluster.address, filters=[("state", "=", "ALIVE")], timeout=30)
+        except Exception as e:  # noqa: BLE001 - the state API timed out on a busy box; try again
+            self.errors.append(f"{self.now()}: state API: {e}"[:200])
+            return None
+        # task events reach the GCS in batches, so a short episode may never show as RUNNING: an actor on the node
+        # in this stage is the fallback (its current or next episode is lost with the node)
+        busy = [t.node_id for t in running if t.type == "ACTOR_TASK" and not any(
+            w in (t.func_or_class_name or "") for w in ("__init__", "ping", "retarget"))]
+        held = [a.node_id for a in actors]
+        return next((i for i in [*busy, *held] if alive.get(i) == "rollout"), None)
 
     def _kill(self, node: dict[str, Any], key: str | None) -> None:
         raylet = self.cluster.raylet_of(node)
@@ -256,7 +265,7 @@ def run_embedded(config: str, run_dir: Path, overrides: list[str]) -> float:
 
 
 def run_autoscaled(config: str, root: Path, overrides: list[str], spec: FakeClusterSpec,
-                   kill_in: str = "collect", log=print) -> dict[str, Any]:
+                   kill_in: str = "collect", timeout: float | None = None, log=print) -> dict[str, Any]:
     import ray
 
     run_dir = root / "autoscaled"
@@ -273,8 +282,11 @@ def run_autoscaled(config: str, root: Path, overrides: list[str], spec: FakeClus
         loop_env = {**env, "RAY_ADDRESS": cluster.address, "APO_RAY_AUTOSCALER_CONFIG": str(cluster.config_path)}
         t0 = time.monotonic()
         with open(root / "autoscaled.log", "w") as out:
-            rc = subprocess.run(_loop_cmd(config, run_dir, overrides), env=loop_env, stdout=out,
-                                stderr=subprocess.STDOUT).returncode
+            try:
+                rc = subprocess.run(_loop_cmd(config, run_dir, overrides), env=loop_env, stdout=out,
+                                    stderr=subprocess.STDOUT, timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
         wall = round(time.monotonic() - t0, 1)
         time.sleep(3 * spec.idle_timeout_minutes * 60 + 5)  # the last eval's rollout nodes go idle, then away
         watch.stop.set()
@@ -306,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", help="an embedded-Ray run dir of the same config to compare with")
     ap.add_argument("--embedded", action="store_true", help="run the embedded reference first (ROOT/embedded)")
     ap.add_argument("--no-kill", action="store_true", help="do not kill a rollout node during a collection")
+    ap.add_argument("--timeout", type=float, help="seconds the autoscaled loop may take (then it and the cluster "
+                                                  "are stopped and autoscale.json says rc: timeout)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     root = Path(args.root)
@@ -316,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = root / "embedded"
         result["embedded_seconds"] = run_embedded(args.config, ref, args.overrides)
     result.update(run_autoscaled(args.config, root, args.overrides, FakeClusterSpec(),
-                                 kill_in="" if args.no_kill else "collect",
+                                 kill_in="" if args.no_kill else "collect", timeout=args.timeout,
                                  log=lambda m: print(m, file=sys.stderr)))
     if ref is not None and result["rc"] == 0:
         result["compare"] = compare(ref, root / "autoscaled")

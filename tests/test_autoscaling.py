@@ -35,7 +35,7 @@ def test_fake_cluster_offers_what_cluster_yaml_offers() -> None:
     spec = FakeClusterSpec()
     cfg = spec.autoscaler_config("127.0.0.1:1")
     assert all(t.get("min_workers", 0) == 0 for t in cfg["available_node_types"].values())
-    offered = offered_resources({"CPU": 1.0}, cfg)  # only the head is up
+    offered = offered_resources({"CPU": float(spec.head_cpus)}, cfg)  # only the head is up
     assert offered["sim"] == spec.rollout_max and offered["trainer"] == spec.trainer_max
     assert actor_placement(0.0, offered) == {"num_cpus": 0, "resources": {"sim": 1}}
     assert train_placement(TrainConfig(), offered) == (False, {"CPU": 0.5, "trainer": 1.0})
@@ -50,9 +50,10 @@ def _stage_of(events: list[dict], kind: str, event: str, node_type: str) -> list
 @pytest.mark.ray
 def test_smoke_loop_on_an_autoscaling_cluster(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "APO_RAY_AUTOSCALER_CONFIG")}
+    # the script stops its cluster itself when the loop overruns (a killed script would leave it running)
     cmd = [sys.executable, "-m", "apo_ray.autoscale", "--config", str(SMOKE), "--root", str(tmp_path), "--embedded",
-           *OVERRIDES]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
+           "--timeout", "1500", *OVERRIDES]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     assert out.stdout.strip(), out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     log = (tmp_path / "autoscaled.log").read_text()
