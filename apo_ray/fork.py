@@ -22,7 +22,17 @@ from apo_ray import fsio
 from apo_ray.config import Config
 from apo_ray.errors import UserError
 from apo_ray.journal import JOURNAL, Journal
-from apo_ray.loop import CONFIG_FILE, check_config, plan, saved_config_dict, stage_deps, stage_inputs
+from apo_ray.loop import (
+    BASE,
+    CONFIG_FILE,
+    base_policy_digest,
+    check_config,
+    plan,
+    saved_config_dict,
+    stage_deps,
+    stage_inputs,
+    train_key,
+)
 from apo_ray.storage import is_uri
 
 FORK_FILE = "fork.json"
@@ -80,7 +90,12 @@ def fork_run(src_dir: str | os.PathLike[str], cfg: Config, run_dir: str | os.Pat
     if dst.resolve() == src.resolve():
         raise UserError("--run-dir is the run being forked", str(dst), "pass a new --run-dir")
     journal = Journal(src)
-    kept = reusable_stages(src_cfg, cfg, set(journal.order))
+    done = set(journal.order)
+    base = train_key(0, BASE)
+    if (cfg.loop.base_policy and base in done
+            and journal.result(base).get("base_policy_sha256") != base_policy_digest(cfg.loop.base_policy)):
+        done.discard(base)  # the source imported other files than those at that path now: another pi0
+    kept = reusable_stages(src_cfg, cfg, done)
     # build beside the target and rename it into place: a killed fork leaves no half-made run dir
     tmp = dst.parent / f"{fsio.TMP_PREFIX}fork-{dst.name}"
     if tmp.exists():

@@ -250,7 +250,8 @@ def check_base_policy(cfg: Config) -> None:
     try:
         meta = read_meta(path)
     except UserError as e:
-        raise UserError(f"loop.base_policy is not a checkpoint: {e.what}", where, e.fix) from None
+        raise UserError(f"loop.base_policy is {e.what}" if e.what.startswith("not a") else
+                        f"loop.base_policy: {e.what}", where, e.fix) from None
     d = checkpoint_dir(path)
     if meta.get("kind", "tiny") == "tiny" and not (d / "model.safetensors").is_file():
         raise UserError("loop.base_policy is not a checkpoint: model.safetensors missing", where,
