@@ -98,23 +98,31 @@ class FakeCluster:
     address: str = ""
     config_path: Path = Path()
 
-    def start(self, env: dict[str, str]) -> None:
+    def start(self, env: dict[str, str], tries: int = 3) -> None:
         from ray._private.services import get_node_ip_address
 
-        port = _free_port()
-        self.address = f"{get_node_ip_address()}:{port}"
-        self.config_path = self.tmp / "autoscaler.yaml"
-        self.config_path.write_text(json.dumps(self.spec.autoscaler_config(self.address)))
-        cmd = ["ray", "start", "--head", f"--port={port}", f"--temp-dir={self.tmp / 'ray'}",
-               f"--num-cpus={self.spec.head_cpus}", f"--object-store-memory={self.spec.object_store_mb << 20}",
-               f"--autoscaling-config={self.config_path}", "--include-dashboard=true",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
-               f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-               "--disable-usage-stats"]
         # the monitor (autoscaler) inherits this environment, and so does every node it launches
         run_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         ray_bin = str(Path(sys.executable).parent / "ray")
-        subprocess.run([ray_bin, *cmd[1:]], env=run_env, check=True, capture_output=True, text=True)
+        for attempt in range(1, tries + 1):
+            port = _free_port()
+            self.address = f"{get_node_ip_address()}:{port}"
+            self.config_path = self.tmp / "autoscaler.yaml"
+            self.config_path.write_text(json.dumps(self.spec.autoscaler_config(self.address)))
+            cmd = [ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={self.tmp / 'ray'}",
+                   f"--num-cpus={self.spec.head_cpus}", f"--object-store-memory={self.spec.object_store_mb << 20}",
+                   f"--autoscaling-config={self.config_path}", "--include-dashboard=true",
+                   "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
+                   f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+                   "--disable-usage-stats"]
+            out = subprocess.run(cmd, env=run_env, capture_output=True, text=True)
+            if out.returncode == 0:
+                return
+            # a loaded box can miss Ray's fixed 30 s registration window, or a free port got taken: start again
+            self.stop(keep_dir=True)
+            if attempt == tries:
+                raise RuntimeError(f"ray start --head failed {tries} times: {out.stderr.strip()[-500:]}")
+            time.sleep(5.0 * attempt)
 
     def processes(self) -> list[Any]:
         import psutil
@@ -132,11 +140,11 @@ class FakeCluster:
         for p in self.processes():
             with contextlib.suppress(Exception):
                 cmd = p.cmdline()
-                if Path(cmd[0]).name == "raylet" and f"--node_manager_port={node['NodeManagerPort']}" in cmd:
+                if Path(cmd[0]).name == "raylet" and f"--node_id={node['NodeID']}" in cmd:
                     return p
         return None
 
-    def stop(self) -> None:
+    def stop(self, keep_dir: bool = False) -> None:
         import psutil
 
         me = os.getpid()
@@ -148,7 +156,8 @@ class FakeCluster:
                 with contextlib.suppress(psutil.Error):
                     p.kill()
             psutil.wait_procs(procs, timeout=10)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if not keep_dir:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 @dataclass
