@@ -54,15 +54,16 @@ def llama_like_tokenizer(instructions: list[str]):
 
 
 def _action_only_head(lm_head_weight) -> None:
-    """Zero the output rows of every id but the 256 action ids and EOS: a random-init model then emits action
-    tokens at the action positions, as a trained VLA does, so a greedy decode over the whole vocabulary (OpenVLA's
-    predict_action) and one over the action ids (ours) can be compared."""
+    """Zero the output rows of every id but the 256 action ids: a random-init model then emits action tokens at
+    the action positions, as a trained VLA does, so a greedy decode over the whole vocabulary (OpenVLA's
+    predict_action, through generate) and one over the action ids (ours) can be compared. EOS is zeroed too:
+    generate stops at it, and a random EOS row won the argmax often enough that predict_action read prompt
+    tokens as actions (the first check run). LoRA leaves the head frozen, so the rows stay zero."""
     import torch
 
     with torch.no_grad():
         keep = torch.zeros(lm_head_weight.shape[0], dtype=torch.bool)
         keep[BASE_VOCAB - 256:BASE_VOCAB] = True
-        keep[2] = True
         lm_head_weight[~keep] = 0.0
 
 
