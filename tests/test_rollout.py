@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from apo_ray import schema as S
-from apo_ray.config import CorrectorConfig
+from apo_ray.config import CorrectorConfig, InferenceConfig
 from apo_ray.rollout import RolloutWorker, actor_capacity, actor_placement, collect
 
 APO = [sys.executable, "-m", "apo_ray"]
@@ -216,10 +216,16 @@ def test_checkpoint_policy_acts_on_its_gpu_share(ray_local, tmp_path, capsys):
                                 ["lift the red cube"], seed=0)
     ckpt = M.save_checkpoint(model, proc, tmp_path / "ckpt")
     gpu = torch.cuda.is_available()
+    # each actor's own copy (the path before the inference service)
+    own = evaluate(str(ckpt), "lift", "nominal", 2, 2, 100_000, tmp_path / "own", horizon=15, gpus=0.25,
+                   progress=False, inference=InferenceConfig(enabled=False))
+    assert own["policy_device"] == ("cuda:0" if gpu else "cpu") and own["episodes"] == 2
+    assert gpu or "gpus_per_worker 0.25 but the cluster has no GPU" in capsys.readouterr().err
+    # the default: the inference service's replicas take the share
     res = evaluate(str(ckpt), "lift", "nominal", 2, 2, 100_000, tmp_path / "ev", horizon=15, gpus=0.25,
                    progress=False)
     assert res["policy_device"] == ("cuda:0" if gpu else "cpu") and res["episodes"] == 2
-    assert gpu or "gpus_per_worker 0.25 but the cluster has no GPU" in capsys.readouterr().err
+    assert gpu or "inference replicas asked for 0.25 GPU but the cluster has no GPU" in capsys.readouterr().err
     for f in sorted((tmp_path / "ev" / "episodes").glob("*.parquet")):
         ep = _read(f)
         assert len(ep[S.T]) == 15 and (ep[S.C] == S.C_POLICY).all() and np.abs(ep[S.ACTION]).max() <= 1.0
