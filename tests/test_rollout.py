@@ -263,7 +263,7 @@ def test_non_empty_or_unwritable_out_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     r = _cli(["collect", "--task", "lift", "--out", str(blocker / "sub")])
-    assert r.returncode == 2 and "not writable" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "is a file, not a directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_stalled_marks_failures_that_end_frozen():
