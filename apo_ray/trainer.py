@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -307,12 +308,14 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
                                                                   if loop_cfg["ref_mode"] == "cached" else [])
     # the v1 Parquet reader: v2 (Ray 2.60's default) lists the files with 32 FooterReader actors of a CPU each,
     # spread over the nodes; under an autoscaler that demand launched rollout nodes through every training
+    # (and its metadata-sampling bar on a terminal only, as the dataset stage's bars: logs stay ours)
     ctx = ray.data.DataContext.get_current()
-    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    saved = ctx.use_datasource_v2, ctx.enable_progress_bars
+    ctx.use_datasource_v2, ctx.enable_progress_bars = False, sys.stderr.isatty()
     try:
         ds = ray.data.read_parquet(info["shards"], columns=cols, num_cpus=0.25)
     finally:
-        ctx.use_datasource_v2 = v2
+        ctx.use_datasource_v2, ctx.enable_progress_bars = saved
     # Each rank reads its own rows of every epoch's schedule (not Ray's streaming_split, which hands out whole
     # blocks: a small epoch is one block, so one rank would get all of it): with the shards in epoch order, rank r
     # gets rows b ≡ r (mod world) of each schedule, the first steps_per_epoch·grad_accum of them, in file order.
