@@ -24,7 +24,8 @@ import numpy as np
 from apo_ray.rollout import collect
 
 
-def raw_step_rate(task: str, image_size: int, steps: int, horizon: int) -> float:
+def raw_step_rate(task: str, image_size: int, steps: int, horizon: int, barrier: Any = None) -> float:
+    """Plain robosuite steps per second; with a barrier, the timing starts when every process is ready."""
     import envs
 
     te = envs.TaskEnv(task, "nominal", image_size=image_size, camera=True, cheap_render=True)
@@ -33,6 +34,8 @@ def raw_step_rate(task: str, image_size: int, steps: int, horizon: int) -> float
     np.random.seed(0)
     env.reset()
     env.step(rng.uniform(-1, 1, 7))  # first render / numba JIT outside the timing
+    if barrier is not None:
+        barrier.wait()  # every process steps at once, as the env runners do
     t0 = time.perf_counter()
     for i in range(steps):
         env.step(rng.uniform(-1, 1, 7))
@@ -44,21 +47,7 @@ def raw_step_rate(task: str, image_size: int, steps: int, horizon: int) -> float
 
 
 def _raw_worker(task: str, image_size: int, steps: int, horizon: int, barrier: Any, out: Any) -> None:
-    import envs
-
-    te = envs.TaskEnv(task, "nominal", image_size=image_size, camera=True, cheap_render=True)
-    rng = np.random.default_rng(0)
-    np.random.seed(0)
-    te.env.reset()
-    te.env.step(rng.uniform(-1, 1, 7))
-    barrier.wait()  # every process steps at once, as the env runners do
-    t0 = time.perf_counter()
-    for i in range(steps):
-        te.env.step(rng.uniform(-1, 1, 7))
-        if (i + 1) % horizon == 0:
-            te.env.reset()
-    out.put(steps / (time.perf_counter() - t0))
-    te.close()
+    out.put(raw_step_rate(task, image_size, steps, horizon, barrier))
 
 
 def raw_parallel_rate(processes: int, task: str, image_size: int, steps: int, horizon: int) -> float:
