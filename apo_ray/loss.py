@@ -36,9 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-OBJECTIVES = ("apo", "kto", "dagger", "sirius", "dpo", "bc")
-NEEDS_REFERENCE = {"apo", "kto", "dpo"}
-NEEDS_UNDESIRABLE = {"apo", "kto", "dpo"}
 LAMBDA_NORMS = ("subset_sum", "subset_mean", "batch")
 WEIGHT_NORMS = ("none", "batch")
 UNDESIRABLE_TOKENS = ("all", "differ")
@@ -100,17 +97,6 @@ class LossParams:
         # every field mirrors a TrainConfig key of the same name (loss.py must not import config); a rename on
         # either side fails here instead of silently falling back to a default
         return cls(**{n: getattr(t, n) for n in cls.__dataclass_fields__})
-
-
-_KTO_PARAMS = ("beta", "kl_clamp", "kl_nonneg", "desirable_weight", "undesirable_weight", "reweight", "beta_d",
-               "beta_u", "lambda_norm", "reduction", "bc_weight", "undesirable_tokens", "corrector_weight",
-               "undesirable_floor", "weight_norm")
-OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
-    "apo": _KTO_PARAMS, "kto": _KTO_PARAMS, "dpo": ("beta",),
-    "sirius": ("sirius_intervention_weight", "sirius_preintervention_weight"), "dagger": (), "bc": (),
-}
-"""The :class:`LossParams` fields each objective reads; the rest cannot change its loss (tests check this), so
-a run forked with another value of them may keep that objective's trained stages."""
 
 
 def _grouped(x: Tensor, group: int) -> Tensor:
@@ -316,19 +302,115 @@ def dpo_loss(s: Scores, p: LossParams) -> tuple[Tensor, dict]:
                   "r_D": chosen.detach().mean().item(), "r_U": rejected.detach().mean().item()}
 
 
+_KTO_PARAMS = ("beta", "kl_clamp", "kl_nonneg", "desirable_weight", "undesirable_weight", "reweight", "beta_d",
+               "beta_u", "lambda_norm", "reduction", "bc_weight", "undesirable_tokens", "corrector_weight",
+               "undesirable_floor", "weight_norm")
+PAIRS = ("", "next", "oracle")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A training objective and everything the trainer needs to run it, so the trainer has no per-objective code.
+
+    ``pair``: the second action set scored for each observation in the same forward: ``next`` = the next
+    sample's actions in the micro-batch (KTO's mismatched pairs for the KL estimate), ``oracle`` = the
+    corrector's action (DPO's chosen side), ``""`` = none.
+    """
+
+    name: str
+    loss: Callable[[Scores, LossParams, Callable[[Tensor], Tensor] | None], tuple[Tensor, dict]]
+    params: tuple[str, ...] = ()  # the LossParams fields the loss reads (tests check the others cannot change it)
+    reference: bool = False  # rewards against a frozen reference π_ref
+    undesirable: bool = False  # needs undesirable (c=0) samples
+    pair: str = ""
+
+    def __post_init__(self) -> None:
+        if self.pair not in PAIRS:
+            raise ValueError(f"pair must be one of {PAIRS}, got {self.pair!r}")
+
+    def token_sets(self, own: Tensor, oracle: Tensor, group: int) -> list[Tensor]:
+        """The action-token sets (each (N, 7)) to score: the sample's own, then its pair if any."""
+        if self.pair == "next":
+            return [own, next_in_group(own, group)]
+        return [own, oracle] if self.pair == "oracle" else [own]
+
+    def reference_columns(self, p: LossParams) -> set[str]:
+        """Reference columns a cached reference must hold beyond ref_logp / ref_logp_u / ref_kl_logp."""
+        if self.pair == "oracle":
+            return {"ref_logp_oracle"}
+        return {"ref_logp_u_differ"} if self.pair == "next" and p.undesirable_tokens == "differ" else set()
+
+    def scores(self, policy: list, own: Tensor, oracle: Tensor, c: Tensor, is_expert: Tensor, l1: Tensor,
+               group: int) -> Scores:
+        """:class:`Scores` from the policy's scores of :meth:`token_sets` (objects with ``logp``, ``logp_u``,
+        ``token_logp``), without the reference's."""
+        s = Scores(logp=policy[0].logp, logp_u=policy[0].logp_u, token_logp=policy[0].token_logp, c=c,
+                   is_expert=is_expert, l1=l1, group=group)
+        if self.pair == "next":
+            s.kl_logp, s.differ_mask = policy[1].logp_u, own != oracle
+        elif self.pair == "oracle":
+            s.oracle_logp = policy[1].logp
+        return s
+
+    def add_reference(self, s: Scores, ref: list, own: Tensor, oracle: Tensor) -> None:
+        """Fill ``s``'s reference fields from a live reference's scores of the same :meth:`token_sets`."""
+        s.ref_logp, s.ref_logp_u = ref[0].logp.float(), ref[0].logp_u.float()
+        if self.pair == "next":
+            s.ref_kl_logp = ref[1].logp_u.float()
+            s.ref_logp_u_differ = logp_where_differ(ref[0].token_logp.float(), own, oracle)
+        elif self.pair == "oracle":
+            s.ref_oracle_logp = ref[1].logp.float()
+
+
+CACHED_REFERENCE = {"ref_logp": "ref_logp", "ref_logp_u": "ref_logp_u", "ref_kl_logp": "ref_kl_logp",
+                    "ref_logp_oracle": "ref_oracle_logp", "ref_logp_u_differ": "ref_logp_u_differ"}
+"""Dataset column → :class:`Scores` field, for a reference precomputed by the dataset stage."""
+
+
+def add_cached_reference(s: Scores, columns: dict[str, Tensor]) -> None:
+    """Fill ``s``'s reference fields from the dataset's reference columns (those present)."""
+    for col, field in CACHED_REFERENCE.items():
+        if col in columns:
+            setattr(s, field, columns[col])
+
+
+def next_in_group(tokens: Tensor, group: int) -> Tensor:
+    """Mismatched pairs: row i gets row i+1's tokens, wrapping inside each micro-batch of ``group`` rows."""
+    return _grouped(tokens, group).roll(-1, dims=1).reshape(tokens.shape)
+
+
+def logp_where_differ(token_logp: Tensor, tokens: Tensor, other: Tensor) -> Tensor:
+    """(N,) log-prob summed over the action tokens (of ``token_logp``'s first 7) that differ from ``other``."""
+    return (token_logp[:, :7] * (tokens != other).to(token_logp.dtype)).sum(dim=1)
+
+
+def _no_allreduce(fn: Callable[[Scores, LossParams], tuple[Tensor, dict]]):
+    return lambda s, p, allreduce=None: fn(s, p)
+
+
+REGISTRY: dict[str, Objective] = {o.name: o for o in (
+    Objective("apo", apo_loss, _KTO_PARAMS, reference=True, undesirable=True, pair="next"),
+    Objective("kto", kto_loss, _KTO_PARAMS, reference=True, undesirable=True, pair="next"),
+    Objective("dagger", _no_allreduce(dagger_loss)),
+    Objective("sirius", _no_allreduce(sirius_loss), ("sirius_intervention_weight", "sirius_preintervention_weight")),
+    Objective("dpo", _no_allreduce(dpo_loss), ("beta",), reference=True, undesirable=True, pair="oracle"),
+    Objective("bc", _no_allreduce(bc_loss)),
+)}
+OBJECTIVES = tuple(REGISTRY)
+NEEDS_REFERENCE = {n for n, o in REGISTRY.items() if o.reference}
+NEEDS_UNDESIRABLE = {n for n, o in REGISTRY.items() if o.undesirable}
+OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {n: o.params for n, o in REGISTRY.items()}
+"""The :class:`LossParams` fields each objective reads; the rest cannot change its loss (tests check this), so
+a run forked with another value of them may keep that objective's trained stages."""
+
+
+def get_objective(name: str) -> Objective:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown objective {name!r}; use one of {OBJECTIVES}")
+    return REGISTRY[name]
+
+
 def objective_loss(objective: str, s: Scores, p: LossParams,
                    allreduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, dict]:
-    """Dispatch on the objective name (one of :data:`OBJECTIVES`)."""
-    if objective == "apo":
-        return apo_loss(s, p, allreduce)
-    if objective == "kto":
-        return kto_loss(s, p, allreduce)
-    if objective == "dagger":
-        return dagger_loss(s, p)
-    if objective == "sirius":
-        return sirius_loss(s, p)
-    if objective == "dpo":
-        return dpo_loss(s, p)
-    if objective == "bc":
-        return bc_loss(s, p)
-    raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
+    """The loss of the objective named ``objective`` (one of :data:`OBJECTIVES`)."""
+    return get_objective(objective).loss(s, p, allreduce)

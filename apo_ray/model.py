@@ -49,6 +49,7 @@ from apo_ray import actions, fsio  # noqa: E402
 from apo_ray.checkpoint import META_FILE, TEXT_VOCAB, VOCAB_SIZE, checkpoint_dir, read_meta  # noqa: E402,F401
 from apo_ray.config import ModelConfig  # noqa: E402
 from apo_ray.errors import UserError  # noqa: E402
+from apo_ray.loss import logp_where_differ, next_in_group  # noqa: E402
 from apo_ray.schema import image_views  # noqa: E402
 
 ACTION_DIM = 7
@@ -460,11 +461,6 @@ class TokenScores:
         return self.token_logp[:, :ACTION_DIM].sum(dim=1)
 
 
-def logp_where_differ(token_logp: torch.Tensor, tokens: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """(N,) log-prob summed over the action tokens (of ``token_logp``'s first 7) that differ from ``other``."""
-    return (token_logp[:, :ACTION_DIM] * (tokens != other).to(token_logp.dtype)).sum(dim=1)
-
-
 def score_actions(model: nn.Module, inputs: VLAInputs, token_sets: list[torch.Tensor], meta: VLAMeta) -> list[TokenScores]:
     """Score several action-token sets (each (N,7)) for the same observations in one LLM forward.
 
@@ -614,12 +610,6 @@ def _score_shared_prefix(model: nn.Module, core: TinyVLA, inputs: VLAInputs, tok
     return [TokenScores(tok_logp[:, j], pred[:, j]) for j in range(k)]
 
 
-def rolled(tokens: torch.Tensor, group: int) -> torch.Tensor:
-    """Mismatched pairs: row i gets row i+1's tokens, wrapping inside each micro-batch of ``group`` rows."""
-    n = tokens.shape[0]
-    return tokens.reshape(n // group, group, *tokens.shape[1:]).roll(-1, dims=1).reshape(tokens.shape)
-
-
 @torch.no_grad()
 def reference_logps(model: nn.Module, proc: Processor, images: np.ndarray, instructions: list[str],
                     action_tokens: np.ndarray, oracle_tokens: np.ndarray | None = None,
@@ -634,7 +624,7 @@ def reference_logps(model: nn.Module, proc: Processor, images: np.ndarray, instr
     dtype = next(model.parameters()).dtype
     inp = proc(images, instructions, proprio).to(dev, dtype)
     own = torch.as_tensor(np.asarray(action_tokens), dtype=torch.long, device=dev)
-    sets = [own, rolled(own, group)]
+    sets = [own, next_in_group(own, group)]
     if oracle_tokens is not None:
         sets.append(torch.as_tensor(np.asarray(oracle_tokens), dtype=torch.long, device=dev))
     sc = score_actions(model, inp, sets, proc.meta)

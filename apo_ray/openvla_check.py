@@ -168,7 +168,7 @@ def check(openvla_src: str | Path, work: str | Path, steps: int = 4, seed: int =
     from apo_ray import actions as A
     from apo_ray import model as M
     from apo_ray.config import ModelConfig
-    from apo_ray.loss import LossParams, Scores, objective_loss
+    from apo_ray.loss import LossParams, Scores, next_in_group, objective_loss
     from apo_ray.vla_policy import VLAPolicy
 
     work = Path(work)
@@ -229,7 +229,7 @@ def check(openvla_src: str | Path, work: str | Path, steps: int = 4, seed: int =
     cached = M.reference_logps(*M.load_policy(ck)[:2], images, [inst] * n, tokens.numpy(), group=group)
     pol, pproc, _ = M.load_policy(ck, trainable=True, fresh_lora=True)
     pol.eval()
-    sets = [tokens, M.rolled(tokens, group)]
+    sets = [tokens, next_in_group(tokens, group)]
     with torch.no_grad():
         sc = M.score_actions(pol, pproc(images, [inst] * n), sets, pproc.meta)
         with M.reference_mode(pol):

@@ -30,7 +30,7 @@ import numpy as np
 from apo_ray import fsio
 from apo_ray.config import Config, TrainConfig, from_dict
 from apo_ray.errors import UserError
-from apo_ray.loss import NEEDS_REFERENCE, NEEDS_UNDESIRABLE, OBJECTIVES
+from apo_ray.loss import OBJECTIVES, LossParams, get_objective
 
 REF_COLUMNS = ("ref_logp", "ref_logp_u", "ref_kl_logp")
 # written by today's reference stage; older datasets may lack them (then a run that needs one uses a live replica)
@@ -123,11 +123,10 @@ def _verify_shards(data_dir: Path, manifest: dict, shards: list[Path]) -> None:
 
 def _reference_mode(cfg: Config, info: dict, init: str) -> str:
     t = cfg.train
-    if t.objective not in NEEDS_REFERENCE:
+    obj = get_objective(t.objective)
+    if not obj.reference:
         return "none"
-    need = {"ref_logp_oracle"} if t.objective == "dpo" else set()
-    if t.objective in ("apo", "kto") and t.undesirable_tokens == "differ":
-        need.add("ref_logp_u_differ")
+    need = obj.reference_columns(LossParams.from_train_config(t))
     cached_ok = info["has_ref"] and need <= set(info["ref_optional"])
     ref = (info["manifest"].get("reference") or {}).get("checkpoint", "")
     same = bool(ref) and init != "scratch" and _same_ckpt(ref, init)
@@ -218,6 +217,26 @@ def _same_ckpt(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """What the driver hands every Ray Train worker (``train_loop_config={"spec": LoopSpec}``)."""
+
+    cfg: dict  # the resolved Config, as a dict
+    init: str  # a checkpoint dir, or "scratch"
+    out_dir: str
+    ref_mode: str  # none | cached | live
+    action_stats: dict
+    image_size: int
+    image_views: int
+    proprio_stats: dict | None  # standardisation of the proprio token, for a tiny VLA trained from scratch
+    instructions: list[str]
+    group: int  # the micro-batch size B
+    steps_per_epoch: int
+    total_steps: int
+    schedules: int  # epoch schedules the dataset holds
+    fail_at_step: int = 0  # fault injection (FAIL_ENV)
+
+
 def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, address: str | None = None) -> dict:
     """Train ``cfg.train.objective`` on the dataset at ``data_dir`` from ``init`` (a checkpoint dir or
     ``scratch``); writes ``out_dir/checkpoint/`` (HF format), ``out_dir/metrics.json``, ``out_dir/tb/``."""
@@ -226,7 +245,7 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
         raise UserError(f"unknown objective '{t.objective}'", "--objective", f"use one of {', '.join(OBJECTIVES)}")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     info = _inspect_dataset(data_dir)
-    if t.objective in NEEDS_UNDESIRABLE and info["c_counts"][0] == 0:
+    if get_objective(t.objective).undesirable and info["c_counts"][0] == 0:
         raise UserError(f"objective {t.objective} needs undesirable (c=0) samples and the dataset has none",
                         str(data_dir), "collect with the corrector on (k>0), or use --objective bc/dagger")
     init_meta = None
@@ -261,19 +280,19 @@ def train(data_dir: str | Path, init: str, out_dir: str | Path, cfg: Config, *, 
     _fresh_or_resume(out_dir, {"config": cfg.to_dict(), "init": init,
                                "dataset": info["manifest"].get("dataset_hash", str(data_dir.resolve()))})
     fsio.write_json(out_dir / "config.json", cfg.to_dict())
-    loop_cfg = {"cfg": cfg.to_dict(), "init": init, "out_dir": str(out_dir.resolve()), "ref_mode": ref_mode,
-                "action_stats": info["manifest"]["action_stats"], "image_size": info["image_size"],
-                "image_views": info["image_views"],
-                "proprio_stats": (info["proprio_stats"]
-                                  if init == "scratch" and cfg.model.use_proprio and cfg.model.kind == "tiny" else None),
-                "instructions": info["instructions"], "group": info["batch_size"],
-                "steps_per_epoch": steps_per_epoch, "total_steps": total, "schedules": info["schedules"],
-                "fail_at_step": int(os.environ.get(FAIL_ENV, "0") or 0)}
+    spec = LoopSpec(cfg=cfg.to_dict(), init=init, out_dir=str(out_dir.resolve()), ref_mode=ref_mode,
+                    action_stats=info["manifest"]["action_stats"], image_size=info["image_size"],
+                    image_views=info["image_views"],
+                    proprio_stats=(info["proprio_stats"] if init == "scratch" and cfg.model.use_proprio
+                                   and cfg.model.kind == "tiny" else None),
+                    instructions=info["instructions"], group=info["batch_size"], steps_per_epoch=steps_per_epoch,
+                    total_steps=total, schedules=info["schedules"],
+                    fail_at_step=int(os.environ.get(FAIL_ENV, "0") or 0))
     from apo_ray.ray_utils import ray_session
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".venv" / "torch_extensions"))
     with ray_session(address):
-        result = _fit(loop_cfg, info, out_dir, t)
+        result = _fit(spec, info, out_dir, t)
     marker = out_dir / NAN_MARKER
     if marker.is_file():
         bad = json.loads(marker.read_text())
@@ -295,7 +314,7 @@ def train_placement(t: TrainConfig, offered: dict[str, float]) -> tuple[bool, di
     return use_gpu, res
 
 
-def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
+def _fit(spec: LoopSpec, info: dict, out_dir: Path, t: TrainConfig) -> dict:
     import ray
     import ray.train
     from ray.data import ExecutionOptions
@@ -305,7 +324,7 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
     from apo_ray.ray_utils import cluster_offers
 
     cols = ["batch_id", *BASE_COLUMNS, *info["coverage_cols"]] + (list(REF_COLUMNS) + info["ref_optional"]
-                                                                  if loop_cfg["ref_mode"] == "cached" else [])
+                                                                  if spec.ref_mode == "cached" else [])
     # the v1 Parquet reader: v2 (Ray 2.60's default) lists the files with 32 FooterReader actors of a CPU each,
     # spread over the nodes; under an autoscaler that demand launched rollout nodes through every training
     # (and its metadata-sampling bar on a terminal only, as the dataset stage's bars: logs stay ours)
@@ -319,7 +338,7 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
     # Each rank reads its own rows of every epoch's schedule (not Ray's streaming_split, which hands out whole
     # blocks: a small epoch is one block, so one rank would get all of it): with the shards in epoch order, rank r
     # gets rows b ≡ r (mod world) of each schedule, the first steps_per_epoch·grad_accum of them, in file order.
-    take = loop_cfg["steps_per_epoch"] * t.grad_accum * t.workers
+    take = spec.steps_per_epoch * t.grad_accum * t.workers
     datasets = {f"rank{r}": ds.map_batches(functools.partial(_rank_rows, rank=r, world=t.workers,
                                                              per_schedule=info["per_schedule"], take=take),
                                            batch_format="pyarrow", num_cpus=0.25)
@@ -334,7 +353,7 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
                         f"keep workers x cpus_per_worker <= {cpus - 1:g}, e.g. train.cpus_per_worker=0.5")
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config=loop_cfg,
+        train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name="train", storage_path=str((out_dir / "ray").resolve()),
@@ -350,7 +369,7 @@ def _fit(loop_cfg: dict, info: dict, out_dir: Path, t) -> dict:
         if (out_dir / NAN_MARKER).is_file():
             return {}
         raise RuntimeError(f"training failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}") from e
-    metrics = {**(result.metrics or {}), "reference": loop_cfg["ref_mode"], "device": "cuda" if use_gpu else "cpu"}
+    metrics = {**(result.metrics or {}), "reference": spec.ref_mode, "device": "cuda" if use_gpu else "cpu"}
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d, fsio.atomic_dir(out_dir / "checkpoint") as tmp:
             shutil.copytree(Path(d) / "hf", tmp, dirs_exist_ok=True)
@@ -474,90 +493,201 @@ def _batch_arrays(b: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop reads best in one place
-    import ray.train
+@dataclasses.dataclass
+class _Engine:
+    """A worker's DeepSpeed engine and what scoring needs beside it."""
+
+    engine: Any
+    proc: Any  # apo_ray.model.Processor
+    sched: Any  # the LR scheduler, for the logged lr
+    ref: Any  # a frozen reference replica, or None (no reference, a cached one, or the LoRA-disabled policy)
+    lora_ref: bool  # the live reference is the policy with its adapters disabled
+    device: Any
+    dtype: Any
+
+
+@dataclasses.dataclass
+class _Position:
+    """Where training stands: global step, epoch, steps done in that epoch (a checkpoint's state.json)."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+def _setup_engine(spec: LoopSpec, cfg: Config, device: Any, rank: int) -> _Engine:
+    """The policy (from scratch or ``spec.init``), its optimizer and schedule in a DeepSpeed engine, and the
+    frozen reference (built from the init, never from a resumed policy)."""
+    import deepspeed
     import torch
 
-    cfg = from_dict(lc["cfg"])
-    t, mc = cfg.train, cfg.model
-    cuda = torch.cuda.is_available() and t.use_gpu
-    # DeepSpeed fixes its accelerator at import. The runtime env carries the driver's DS_ACCELERATOR=cpu (a CPU
-    # head), which on a GPU node would run the engine's collectives and optimizer on the CPU path.
-    os.environ["DS_ACCELERATOR"] = "cuda" if cuda else "cpu"
-    import deepspeed
-    import torch.distributed as dist
-
     from apo_ray import model as M
-    from apo_ray.loss import LossParams, Scores, objective_loss
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cuda else "cpu")
-    threads = t.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
-    torch.set_num_threads(threads)
+    t, mc = cfg.train, cfg.model
     torch.manual_seed(t.seed + rank)
-
-    # -- model + frozen reference (built from init, never from the resumed policy)
-    if lc["init"] == "scratch":
-        model, proc = M.build_model(mc, lc["action_stats"], lc["image_size"], lc["instructions"], seed=t.seed,
-                                    proprio_stats=lc.get("proprio_stats"), image_views=lc.get("image_views", 1))
+    if spec.init == "scratch":
+        model, proc = M.build_model(mc, spec.action_stats, spec.image_size, spec.instructions, seed=t.seed,
+                                    proprio_stats=spec.proprio_stats, image_views=spec.image_views)
     else:
         # hf: the init's adapter is merged and a fresh one trains, so adapters-off is exactly the init
-        model, proc, _ = M.load_policy(lc["init"], trainable=True, fresh_lora=True)
-        model.requires_grad_(True) if proc.meta.kind == "tiny" else None
+        model, proc, _ = M.load_policy(spec.init, trainable=True, fresh_lora=True)
         if proc.meta.kind == "tiny":
-            proc = M.Processor(proc.tokenizer, M.VLAMeta(**{**proc.meta.to_json(), "action_stats": lc["action_stats"]}))
+            model.requires_grad_(True)
+            proc = M.Processor(proc.tokenizer, M.VLAMeta(**{**proc.meta.to_json(), "action_stats": spec.action_stats}))
     model.train()
-    ref = None
     # Under LoRA the adapters start as a no-op on the init (scratch, or a warm start's merged adapters), so the
     # live reference is the same model with them disabled (peft): no second copy of a 7B. Without LoRA, a copy.
-    lora_ref = lc["ref_mode"] == "live" and M.has_lora(model)
-    if lc["ref_mode"] == "live" and not lora_ref:
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
-    meta = proc.meta
+    lora_ref = spec.ref_mode == "live" and M.has_lora(model)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if spec.ref_mode == "live" and not lora_ref else None
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps, lc["total_steps"]))
-    group = lc["group"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps, spec.total_steps))
     dtype = M.compute_dtype(device)
-    ds_cfg = _ds_config(t, group * t.grad_accum, dtype == torch.bfloat16)
+    ds_cfg = _ds_config(t, spec.group * t.grad_accum, dtype == torch.bfloat16)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     engine.checkpoint_engine.load = _safe_ds_load
     if ref is not None:
         if t.zero_stage == 3:  # shard the replica like the policy
-            ref_cfg = {k: v for k, v in ds_cfg.items() if k not in ("gradient_clipping",)}
-            ref, *_ = deepspeed.initialize(model=ref, config=ref_cfg)
+            ref, *_ = deepspeed.initialize(model=ref, config={k: v for k, v in ds_cfg.items()
+                                                              if k != "gradient_clipping"})
         else:
             ref = ref.to(device=device, dtype=dtype)
         ref.eval()
+    return _Engine(engine, proc, sched, ref, lora_ref, device, dtype)
 
-    # -- resume
-    step, epoch0, skip = 0, 0, 0
-    cov = Coverage()
+
+def _resume(eng: _Engine, rank: int) -> tuple[_Position, Coverage]:
+    """The position and coverage of Ray Train's latest checkpoint (loaded into the engine), or a fresh start."""
+    import ray.train
+
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag="ds")
-            st = json.loads((Path(d) / "state.json").read_text())
-        step, epoch0, skip = st["step"], st["epoch"], st["step_in_epoch"]
-        cov = Coverage.from_state(st.get("coverage"), counts=rank == 0)
-    resumed_from = step
+    if ckpt is None:
+        return _Position(), Coverage()
+    with ckpt.as_directory() as d:
+        eng.engine.load_checkpoint(d, tag="ds")
+        st = json.loads((Path(d) / "state.json").read_text())
+    return _Position(st["step"], st["epoch"], st["step_in_epoch"]), Coverage.from_state(st.get("coverage"),
+                                                                                        counts=rank == 0)
 
-    out_dir = Path(lc["out_dir"])
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step drops a killed attempt's events past the resumed step, so curves never double up
-        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1 if step else None)
-    mlflow = None
-    if rank == 0 and t.mlflow_uri:
-        import mlflow  # noqa: PLC0415 - optional dependency, only when configured
+def _score(eng: _Engine, obj: Any, b: dict[str, np.ndarray], spec: LoopSpec) -> tuple[Any, Any, Any]:
+    """(Scores, the policy's scores of the sample's own actions, own tokens) for one batch: the policy scores
+    the objective's token sets in one forward; the reference's come from the dataset's columns or a live
+    forward."""
+    import torch
 
-        mlflow.set_tracking_uri(t.mlflow_uri)
-        mlflow.start_run(run_name=out_dir.name)
-    params_loss = LossParams.from_train_config(t)
+    from apo_ray import model as M
+    from apo_ray.loss import add_cached_reference
+
+    dev = eng.device
+    inp = eng.proc(b["image"], b["instruction"], b["proprio"]).to(dev, eng.dtype)
+    own = torch.as_tensor(b["action_tokens"], dtype=torch.long, device=dev)
+    oracle = torch.as_tensor(b["oracle_tokens"], dtype=torch.long, device=dev)
+    c = torch.as_tensor(b["c"].astype(np.int64), device=dev)
+    is_expert = torch.as_tensor(b["is_expert"].astype(bool), device=dev)
+    sets = obj.token_sets(own, oracle, spec.group)
+    sc = M.score_actions(eng.engine, inp, sets, eng.proc.meta)
+    l1 = M.decoded_l1(sc[0].pred_tokens, own, eng.proc.meta).detach()
+    s = obj.scores(sc, own, oracle, c, is_expert, l1, spec.group)
+    if spec.ref_mode == "cached":
+        add_cached_reference(s, {k: torch.as_tensor(b[k], dtype=torch.float32, device=dev)
+                                 for k in (*REF_COLUMNS, *OPTIONAL_REF_COLUMNS) if k in b})
+    elif spec.ref_mode == "live":
+        with torch.no_grad(), (M.reference_mode(eng.engine) if eng.lora_ref else contextlib.nullcontext()):
+            rs = M.score_actions(eng.engine if eng.lora_ref else eng.ref, inp, sets, eng.proc.meta)
+        obj.add_reference(s, rs, own, oracle)
+    return s, sc[0], own
+
+
+class _Metrics:
+    """Per-step metrics (accuracies by label, throughput, lr), their TensorBoard/MLflow logs on rank 0, and the
+    run totals behind the checkpoint's summary."""
+
+    ACC = ("acc_c0", "acc_c1", "acc_c2", "acc_expert")
+
+    def __init__(self, t: TrainConfig, out_dir: Path, rank: int, world: int, resumed_from: int) -> None:
+        self.t, self.world = t, world
+        self.totals = {"samples": 0, "time": 0.0, "clamp_steps": 0, "ref_steps": 0, "resumed_from_step": resumed_from}
+        self.last: dict[str, float] = {}
+        self.writer = self.mlflow = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops a killed attempt's events past the resumed step, so curves never double up
+            self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=resumed_from + 1 if resumed_from else None)
+            if t.mlflow_uri:
+                import mlflow  # noqa: PLC0415 - optional dependency, only when configured
+
+                mlflow.set_tracking_uri(t.mlflow_uri)
+                mlflow.start_run(run_name=out_dir.name)
+                self.mlflow = mlflow
+
+    def step(self, m: dict, s: Any, own_scores: Any, own: Any, *, lr: float, step: int, epoch: int, dt: float) -> None:
+        import torch
+
+        n = own.shape[0]
+        self.totals["samples"] += n * self.world
+        self.totals["time"] += dt
+        with torch.no_grad():
+            correct = (own_scores.pred_tokens == own).float().mean(dim=1)
+            masks = (s.c == 0, (s.c == 1) & ~s.is_expert, s.c == 2, s.is_expert)
+            for key, mask in zip(self.ACC, masks, strict=True):
+                m[key] = correct[mask].mean().item() if bool(mask.any()) else float("nan")
+            m["token_acc"] = correct.mean().item()
+            m["l1"] = s.l1.mean().item()
+        if "kl_at_clamp" in m:
+            self.totals["ref_steps"] += 1
+            self.totals["clamp_steps"] += int(m["kl_at_clamp"] > 0)
+            m["kl_clamp_frac_steps"] = self.totals["clamp_steps"] / self.totals["ref_steps"]
+        m.update({"samples_per_s": n * self.world / dt, "lr": lr, "step": step, "epoch": epoch})
+        self.last = m
+        if self.writer is not None and step % max(1, self.t.log_every) == 0:
+            for k, v in m.items():
+                if isinstance(v, float | int) and k != "step" and math.isfinite(v):
+                    self.writer.add_scalar(f"train/{k}", v, step)
+            if self.mlflow is not None:
+                self.mlflow.log_metrics({k: v for k, v in m.items() if isinstance(v, float) and math.isfinite(v)},
+                                        step=step)
+
+    def summary(self) -> dict:
+        return _summary(self.last, self.totals)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+
+
+def _train_loop(config: dict) -> None:
+    """A Ray Train worker: set up the engine, resume, then train ``spec.total_steps`` steps epoch by epoch,
+    checkpointing every ``train.checkpoint_every`` steps and at the end."""
+    import ray.train
+    import torch
+
+    spec: LoopSpec = config["spec"]
+    cfg = from_dict(spec.cfg)
+    t = cfg.train
+    cuda = torch.cuda.is_available() and t.use_gpu
+    # DeepSpeed fixes its accelerator at import. The runtime env carries the driver's DS_ACCELERATOR=cpu (a CPU
+    # head), which on a GPU node would run the engine's collectives and optimizer on the CPU path.
+    os.environ["DS_ACCELERATOR"] = "cuda" if cuda else "cpu"
+    import torch.distributed as dist
+
+    from apo_ray import model as M
+    from apo_ray.loss import get_objective
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cuda else "cpu")
+    torch.set_num_threads(t.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+    eng = _setup_engine(spec, cfg, device, rank)
+    pos, cov = _resume(eng, rank)
+    out_dir = Path(spec.out_dir)
+    metrics = _Metrics(t, out_dir, rank, world, pos.step)
+    obj, params = get_objective(t.objective), LossParams.from_train_config(t)
 
     def allreduce_mean(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
@@ -565,133 +695,82 @@ def _train_loop(lc: dict) -> None:  # noqa: C901 - one linear training loop read
         return x / world
 
     kl_reduce = allreduce_mean if (t.kl_allreduce and world > 1) else None
-    shard = ray.train.get_dataset_shard(f"rank{rank}")
-    acc_keys = ("acc_c0", "acc_c1", "acc_c2", "acc_expert")
-    totals = {"samples": 0, "time": 0.0, "clamp_steps": 0, "ref_steps": 0, "resumed_from_step": resumed_from}
-    last: dict[str, float] = {}
 
-    def save(metrics: dict, epoch: int, step_in_epoch: int) -> None:
+    def save(summary: dict, epoch: int, step_in_epoch: int) -> None:
         seen = cov.merged(world)
         with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag="ds")
-            sd = engine._zero3_consolidated_16bit_state_dict() if t.zero_stage == 3 else None
+            eng.engine.save_checkpoint(tmp, tag="ds")
+            sd = eng.engine._zero3_consolidated_16bit_state_dict() if t.zero_stage == 3 else None
             if rank == 0:
-                M.save_checkpoint(engine.module, proc, Path(tmp) / "hf", state_dict=sd)
-                fsio.write_json(Path(tmp) / "state.json", {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                                                           "coverage": seen.to_state()})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                M.save_checkpoint(eng.engine.module, eng.proc, Path(tmp) / "hf", state_dict=sd)
+                fsio.write_json(Path(tmp) / "state.json", {"step": pos.step, "epoch": epoch,
+                                                           "step_in_epoch": step_in_epoch, "coverage": seen.to_state()})
+            ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    stop = False
-    epoch, step_in_epoch = epoch0, skip
-    it = None
-    for epoch in range(epoch0, t.epochs):
+    shard = ray.train.get_dataset_shard(f"rank{rank}")
+    stop, it, skip = False, None, pos.step_in_epoch
+    epoch, step_in_epoch = pos.epoch, skip
+    for epoch in range(pos.epoch, t.epochs):
         # The rank's stream holds exactly steps_per_epoch batches of each epoch's schedule, in epoch order; one
-        # pass over it covers lc["schedules"] epochs, and training past the last schedule starts another pass.
+        # pass over it covers spec.schedules epochs, and training past the last schedule starts another pass.
         lead = 0
-        if it is None or epoch % lc["schedules"] == 0:
+        if it is None or epoch % spec.schedules == 0:
             it = iter(shard.iter_batches(batch_size=t.grad_accum, batch_format="numpy", drop_last=True,
                                          prefetch_batches=2))
-            lead = (epoch % lc["schedules"]) * lc["steps_per_epoch"]
+            lead = (epoch % spec.schedules) * spec.steps_per_epoch
         for _ in range(lead + skip):  # resumed: read past what the last checkpoint already trained on
             next(it)
         step_in_epoch = skip
         t0 = time.perf_counter()
-        while step_in_epoch < lc["steps_per_epoch"] and step < lc["total_steps"]:
+        while step_in_epoch < spec.steps_per_epoch and pos.step < spec.total_steps:
             raw = next(it, None)
             if raw is None:
                 raise RuntimeError(f"rank {rank}'s data ran out at epoch {epoch}, step {step_in_epoch}")
             b = _batch_arrays(raw)
-            inp = proc(b["image"], b["instruction"], b["proprio"]).to(device, dtype)
-            own = torch.as_tensor(b["action_tokens"], dtype=torch.long, device=device)
-            c = torch.as_tensor(b["c"].astype(np.int64), device=device)
-            is_expert = torch.as_tensor(b["is_expert"].astype(bool), device=device)
-            oracle = torch.as_tensor(b["oracle_tokens"], dtype=torch.long, device=device)
-            sets = [own]
-            if t.objective in ("apo", "kto"):
-                sets.append(M.rolled(own, group))
-            if t.objective == "dpo":
-                sets.append(oracle)
-            sc = M.score_actions(engine, inp, sets, meta)
-            l1 = M.decoded_l1(sc[0].pred_tokens, own, meta).detach()
-            s = Scores(logp=sc[0].logp, logp_u=sc[0].logp_u, token_logp=sc[0].token_logp, c=c,
-                       is_expert=is_expert, l1=l1, group=group)
-            if lc["ref_mode"] == "cached":
-                ref_cols = {k: torch.as_tensor(b[k], dtype=torch.float32, device=device)
-                            for k in (*REF_COLUMNS, *OPTIONAL_REF_COLUMNS) if k in b}
-                s.ref_logp, s.ref_logp_u = ref_cols["ref_logp"], ref_cols["ref_logp_u"]
-                s.ref_kl_logp = ref_cols["ref_kl_logp"]
-                s.ref_oracle_logp = ref_cols.get("ref_logp_oracle")
-                s.ref_logp_u_differ = ref_cols.get("ref_logp_u_differ")
-            elif lc["ref_mode"] == "live":
-                with torch.no_grad(), (M.reference_mode(engine) if lora_ref else contextlib.nullcontext()):
-                    rs = M.score_actions(engine if lora_ref else ref, inp, sets, meta)
-                s.ref_logp, s.ref_logp_u = rs[0].logp.float(), rs[0].logp_u.float()
-                if t.objective == "dpo":
-                    s.ref_oracle_logp = rs[1].logp.float()
-                else:
-                    s.ref_kl_logp = rs[1].logp_u.float()
-                    s.ref_logp_u_differ = M.logp_where_differ(rs[0].token_logp.float(), own, oracle)
-            if t.objective in ("apo", "kto"):
-                s.kl_logp = sc[1].logp_u
-                s.differ_mask = own != oracle
-            if t.objective == "dpo":
-                s.oracle_logp = sc[1].logp
-            loss, m = objective_loss(t.objective, s, params_loss, kl_reduce)
-            bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
-            if world > 1:
-                dist.all_reduce(bad)
-            if bad.item() > 0:
+            s, own_scores, own = _score(eng, obj, b, spec)
+            loss, m = obj.loss(s, params, kl_reduce)
+            if not _all_finite(loss, world):
                 if rank == 0:
-                    fsio.write_json(out_dir / NAN_MARKER, {"step": step + 1, "value": str(loss.item())})
+                    fsio.write_json(out_dir / NAN_MARKER, {"step": pos.step + 1, "value": str(loss.item())})
                 stop = True
                 break
-            if lc["fail_at_step"] and step + 1 == lc["fail_at_step"] and rank == world - 1:
-                flag = out_dir / f".fault-injected-{lc['fail_at_step']}"
-                if not flag.exists():
-                    flag.write_text("1")
-                    raise RuntimeError(f"injected worker failure at step {step + 1}")
-            engine.backward(loss)
-            engine.step()
+            _maybe_inject_fault(spec, out_dir, pos.step + 1, rank, world)
+            eng.engine.backward(loss)
+            eng.engine.step()
             cov.add(b)
-            step += 1
+            pos.step += 1
             step_in_epoch += 1
-            dt = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            n = own.shape[0]
-            totals["samples"] += n * world
-            totals["time"] += dt
-            with torch.no_grad():
-                correct = (sc[0].pred_tokens == own).float().mean(dim=1)
-                for key, mask in zip(acc_keys, (c == 0, (c == 1) & ~is_expert, c == 2, is_expert), strict=True):
-                    m[key] = correct[mask].mean().item() if bool(mask.any()) else float("nan")
-                m["token_acc"] = correct.mean().item()
-                m["l1"] = l1.mean().item()
-            if "kl_at_clamp" in m:
-                totals["ref_steps"] += 1
-                totals["clamp_steps"] += int(m["kl_at_clamp"] > 0)
-                m["kl_clamp_frac_steps"] = totals["clamp_steps"] / totals["ref_steps"]
-            m.update({"samples_per_s": n * world / dt, "lr": sched.get_last_lr()[0], "step": step, "epoch": epoch})
-            last = m
-            if writer is not None and step % max(1, t.log_every) == 0:
-                for k, v in m.items():
-                    if isinstance(v, float | int) and k not in ("step",) and math.isfinite(v):
-                        writer.add_scalar(f"train/{k}", v, step)
-                if mlflow is not None:
-                    mlflow.log_metrics({k: v for k, v in m.items() if isinstance(v, float) and math.isfinite(v)}, step=step)
-            if step % t.checkpoint_every == 0 and step < lc["total_steps"]:
-                save(_summary(last, totals), epoch, step_in_epoch)
+            dt, t0 = time.perf_counter() - t0, time.perf_counter()
+            metrics.step(m, s, own_scores, own, lr=eng.sched.get_last_lr()[0], step=pos.step, epoch=epoch, dt=dt)
+            if pos.step % t.checkpoint_every == 0 and pos.step < spec.total_steps:
+                save(metrics.summary(), epoch, step_in_epoch)
         skip = 0
-        if stop or step >= lc["total_steps"]:
+        if stop or pos.step >= spec.total_steps:
             break
-    if writer is not None:
-        writer.flush()
-        writer.close()
-    if mlflow is not None:
-        mlflow.end_run()
+    metrics.close()
     if not stop:
-        next_epoch_done = step_in_epoch >= lc["steps_per_epoch"]
-        save({**_summary(last, totals), "final": True}, epoch + (1 if next_epoch_done else 0),
-             0 if next_epoch_done else step_in_epoch)
+        epoch_done = step_in_epoch >= spec.steps_per_epoch
+        save({**metrics.summary(), "final": True}, epoch + (1 if epoch_done else 0), 0 if epoch_done else step_in_epoch)
+
+
+def _all_finite(loss: Any, world: int) -> bool:
+    """Whether every rank's loss is finite (a collective, so all ranks stop together)."""
+    import torch
+    import torch.distributed as dist
+
+    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+    if world > 1:
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def _maybe_inject_fault(spec: LoopSpec, out_dir: Path, step: int, rank: int, world: int) -> None:
+    """Tests and chaos: the last rank raises once at ``spec.fail_at_step`` (first attempt only)."""
+    if spec.fail_at_step and step == spec.fail_at_step and rank == world - 1:
+        flag = out_dir / f".fault-injected-{spec.fail_at_step}"
+        if not flag.exists():
+            flag.write_text("1")
+            raise RuntimeError(f"injected worker failure at step {step}")
 
 
 def _summary(last: dict, totals: dict) -> dict:

@@ -16,6 +16,7 @@ from apo_ray import checkpoint as C
 from apo_ray import model as M
 from apo_ray.config import ModelConfig
 from apo_ray.errors import UserError
+from apo_ray.loss import next_in_group
 
 STATS = {"q01": [-0.5] * 7, "q99": [0.5] * 7, "mask": [True] * 6 + [False]}
 MC = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, vision_hidden_size=16)
@@ -83,13 +84,13 @@ def test_scoring_is_batch_independent_in_train_mode(tiny):
     model, proc = tiny
     model.train()
     _, _, inp, toks = _batch(proc)
-    both = M.score_actions(model, inp, [toks, M.rolled(toks, 2)], proc.meta)
+    both = M.score_actions(model, inp, [toks, next_in_group(toks, 2)], proc.meta)
     one = M.score_actions(model, inp, [toks], proc.meta)[0]
     half = M.score_actions(model, M.VLAInputs(inp.pixel_values[:2], inp.input_ids[:2], inp.attention_mask[:2]),
                            [toks[:2]], proc.meta)[0]
     torch.testing.assert_close(both[0].logp, one.logp, atol=1e-5, rtol=0)
     torch.testing.assert_close(half.logp, one.logp[:2], atol=1e-5, rtol=0)
-    assert torch.equal(M.rolled(torch.arange(4)[:, None], 2)[:, 0], torch.tensor([1, 0, 3, 2]))
+    assert torch.equal(next_in_group(torch.arange(4)[:, None], 2)[:, 0], torch.tensor([1, 0, 3, 2]))
     model.eval()
 
 

@@ -14,6 +14,7 @@ import torch
 from apo_ray import config as C
 from apo_ray import fsio
 from apo_ray.errors import UserError
+from apo_ray.loss import logp_where_differ, next_in_group
 from apo_ray.schema import tensor_array
 
 B, ROWS, IMG = 8, 6, 64
@@ -82,7 +83,7 @@ def built(tmp_path_factory, init_ckpt, ray_local):
     """A training set made by the real pipeline (apo_ray.data.build_dataset) from synthetic episodes with
     corrector takeovers, with the reference stage run against ``init_ckpt``."""
     from apo_ray import model as M
-    from apo_ray.bench_data import synth_episodes
+    from apo_ray.bench.data import synth_episodes
     from apo_ray.config import DataConfig
     from apo_ray.data import build_dataset
 
@@ -172,7 +173,7 @@ def test_cached_reference_matches_live(built, init_ckpt):
     orc = torch.as_tensor(column_to_numpy(t["oracle_tokens"]).reshape(-1, 7).astype(np.int64))
     c = torch.as_tensor(column_to_numpy(t["c"]).reshape(-1).astype(np.int64))
     inp = proc(imgs, [x for row in t["instruction"].to_pylist() for x in row])
-    sets = [toks, M.rolled(toks, B), orc]
+    sets = [toks, next_in_group(toks, B), orc]
     sc = M.score_actions(policy, inp, sets, proc.meta)
     with torch.no_grad():
         rs = M.score_actions(ref, inp, sets, proc.meta)
@@ -188,7 +189,7 @@ def test_cached_reference_matches_live(built, init_ckpt):
                       ref_logp=r[0], ref_logp_u=r[1], kl_logp=sc[1].logp_u, ref_kl_logp=r[2],
                       oracle_logp=sc[2].logp, ref_oracle_logp=r[3], differ_mask=toks != orc, ref_logp_u_differ=r[4])
 
-    live = scores((rs[0].logp, rs[0].logp_u, rs[1].logp_u, rs[2].logp, M.logp_where_differ(rs[0].token_logp, toks, orc)))
+    live = scores((rs[0].logp, rs[0].logp_u, rs[1].logp_u, rs[2].logp, logp_where_differ(rs[0].token_logp, toks, orc)))
     cach = scores(tuple(cached[k] for k in ("ref_logp", "ref_logp_u", "ref_kl_logp", "ref_logp_oracle",
                                             "ref_logp_u_differ")))
     for p in (LossParams(), LossParams(undesirable_tokens="differ", corrector_weight=2.0)):
@@ -307,12 +308,12 @@ def test_wrist_view_runs_collect_to_train_to_eval(tmp_path, ray_local, init_ckpt
     from apo_ray.config import DataConfig
     from apo_ray.data import build_dataset
     from apo_ray.evaluate import evaluate
-    from apo_ray.rollout import collect
+    from apo_ray.rollout import RolloutSpec, RunOptions, collect
     from apo_ray.schema import column_to_numpy, read_table
     from apo_ray.trainer import train
 
-    collect("lift", "nominal", "oracle", 2, 1, 0, tmp_path / "demos", corrector=None, horizon=12, wrist=True,
-            progress=False)
+    collect(RolloutSpec("lift", "nominal", "oracle", str(tmp_path / "demos"), horizon=12, wrist=True), range(2),
+            RunOptions(workers=1, progress=False))
     ep = read_table(next((tmp_path / "demos" / "episodes").glob("*.parquet")), columns=["image"])
     assert column_to_numpy(ep.column("image")).shape == (12, 64, 128, 3)
     build_dataset([], [tmp_path / "demos" / "episodes"], tmp_path / "ds", DataConfig(), vocab_size=M.VOCAB_SIZE)
@@ -321,8 +322,8 @@ def test_wrist_view_runs_collect_to_train_to_eval(tmp_path, ray_local, init_ckpt
     assert M.read_meta(tmp_path / "bc")["image_views"] == 2
     model, _, _ = M.load_policy(tmp_path / "bc")
     assert model.config.n_image_tokens == 32
-    r = evaluate(str(tmp_path / "bc" / "checkpoint"), "lift", "nominal", 1, 1, 100, tmp_path / "ev", horizon=3,
-                 progress=False)
+    r = evaluate(RolloutSpec("lift", "nominal", str(tmp_path / "bc" / "checkpoint"), str(tmp_path / "ev"), horizon=3),
+                 [100], RunOptions(workers=1, progress=False))
     assert r["episodes"] == 1
     ev = read_table(next((tmp_path / "ev" / "episodes").glob("*.parquet")), columns=["image"])
     assert column_to_numpy(ev.column("image")).shape == (3, 64, 128, 3)
@@ -344,7 +345,7 @@ def test_hf_kind_with_lora_trains_through_ray_train(tmp_path, ray_local, init_ck
     import dataclasses
 
     from apo_ray import model as M
-    from apo_ray.bench_data import synth_episodes
+    from apo_ray.bench.data import synth_episodes
     from apo_ray.config import DataConfig
     from apo_ray.data import build_dataset
     from apo_ray.trainer import train
@@ -383,7 +384,7 @@ def correct_heavy(tmp_path_factory, ray_local):
     """The real pipeline on a correct-pool-heavy set: 2 policy episodes (one takeover of 6 corrector steps) and
     6 demo episodes, 3 fresh schedules (data.epochs=3). An epoch is 3 micro-batches (ceil(6 interaction / 2))."""
     from apo_ray import model as M
-    from apo_ray.bench_data import synth_episodes
+    from apo_ray.bench.data import synth_episodes
     from apo_ray.config import DataConfig
     from apo_ray.data import build_dataset
 
