@@ -54,7 +54,7 @@ bench: setup
 	.venv/bin/apo-ray bench train
 
 chaos: setup
-	$(PY) -m apo_ray.chaos --config configs/smoke.yaml --kills 20
+	$(PY) -m apo_ray.bench.chaos --config configs/smoke.yaml --kills 20
 
 # A second venv pinned as OpenVLA's own code demands (modeling_prismatic refuses timm outside 0.9.10-0.9.16 and
 # expects transformers 4.40.1 / tokenizers 0.19.1). timm and OpenVLA's processor import torchvision, which fails

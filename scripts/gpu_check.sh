@@ -43,7 +43,7 @@ if [ -z "${GPU_CHECK_SYNTH:-}" ]; then
     --image-size "$IMG" --out "$OUT/deploy" --resume
 else
   step "synthesized episodes in the collect schema (no simulator)"
-  $PY -c "import sys; from pathlib import Path; from apo_ray.bench_data import synth_episodes as s
+  $PY -c "import sys; from pathlib import Path; from apo_ray.bench.data import synth_episodes as s
 s(Path(sys.argv[1]) / 'demos/episodes', 16, 40, int(sys.argv[2]), seed=0)
 s(Path(sys.argv[1]) / 'deploy/episodes', 8, 40, int(sys.argv[2]), seed=1)" "$OUT" "$IMG"
 fi

@@ -1,9 +1,9 @@
 """The autoscaling claim, checked with Ray's own autoscaler instead of by reading cluster.yaml.
 
 ``test_smoke_loop_on_an_autoscaling_cluster`` (slow; ``make test-autoscale``, which CI runs) runs configs/smoke.yaml
-cut to one round (as tests/test_loop.py does, to keep CI short; ``python -m apo_ray.autoscale`` runs both rounds)
+cut to one round (as tests/test_loop.py does, to keep CI short; ``python -m apo_ray.bench.autoscale`` runs both rounds)
 on a local Ray head with the fake multi-node provider (min-0 ``rollout`` and ``trainer`` node types, see
-apo_ray/autoscale.py) and on the embedded Ray, and checks from ``ray.nodes()`` and the autoscaler's log that nodes
+apo_ray/bench/autoscale.py) and on the embedded Ray, and checks from ``ray.nodes()`` and the autoscaler's log that nodes
 come up for collection, evaluation and training, that idle rollout nodes go while the loop trains, that a rollout
 node killed during a collection loses no episode and duplicates none, and that both runs hold the same results.
 """
@@ -26,7 +26,7 @@ OVERRIDES = ["loop.rounds=1"]
 def test_fake_cluster_offers_what_cluster_yaml_offers() -> None:
     """The fake cluster's node types are cluster.yaml's in small: the loop reads them from the autoscaler config
     and asks for ``sim`` (rollout actors) and ``trainer`` (train workers), which scales those types out."""
-    from apo_ray.autoscale import FakeClusterSpec
+    from apo_ray.bench.autoscale import FakeClusterSpec
     from apo_ray.config import TrainConfig
     from apo_ray.ray_utils import offered_resources
     from apo_ray.rollout import actor_placement
@@ -51,7 +51,7 @@ def _stage_of(events: list[dict], kind: str, event: str, node_type: str) -> list
 def test_smoke_loop_on_an_autoscaling_cluster(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "APO_RAY_AUTOSCALER_CONFIG")}
     # the script stops its cluster itself when the loop overruns (a killed script would leave it running)
-    cmd = [sys.executable, "-m", "apo_ray.autoscale", "--config", str(SMOKE), "--root", str(tmp_path), "--embedded",
+    cmd = [sys.executable, "-m", "apo_ray.bench.autoscale", "--config", str(SMOKE), "--root", str(tmp_path), "--embedded",
            "--timeout", "1500", *OVERRIDES]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     assert out.stdout.strip(), out.stderr[-3000:]

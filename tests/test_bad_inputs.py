@@ -46,7 +46,7 @@ def _tree_hash(path: Path) -> str:
 
 def _build(root: Path) -> None:
     from apo_ray import model as M
-    from apo_ray.bench_data import synth_episodes
+    from apo_ray.bench.data import synth_episodes
     from apo_ray.config import ModelConfig
 
     synth_episodes(root / "eps", episodes=4, steps=30, image_size=64)

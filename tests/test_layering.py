@@ -26,6 +26,15 @@ def test_envs_imports_nothing_from_apo_ray() -> None:
     assert not bad, bad
 
 
+def test_pipeline_imports_no_bench_module() -> None:
+    """Benches and proof runs (apo_ray.bench) sit above the pipeline: only the bench CLI reaches them."""
+    mods = [p for p in sorted((ROOT / "apo_ray").rglob("*.py")) if "bench" not in p.relative_to(ROOT / "apo_ray").parts
+            and p.name != "bench.py"]
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {mod}" for p in mods for line, mod in _imports(p)
+           if mod == "apo_ray.bench" or mod.startswith("apo_ray.bench.")]
+    assert mods and not bad, bad
+
+
 def test_importing_envs_loads_no_apo_ray_module() -> None:
     # also catches an import hidden from the AST (importlib, __import__)
     code = "import sys, envs, envs.oracle_eval; print(sorted(m for m in sys.modules if m.split('.')[0] == 'apo_ray'))"

@@ -1,7 +1,7 @@
 """The lifelong loop: plan, config checks, and a real end-to-end run killed with SIGKILL and resumed.
 
 The end-to-end test runs configs/smoke.yaml cut to one round (``loop.rounds=1``) twice: once uninterrupted, once
-SIGKILLed (the loop and its embedded Ray, like a preempted node) three times by apo_ray.chaos and resumed with
+SIGKILLed (the loop and its embedded Ray, like a preempted node) three times by apo_ray.bench.chaos and resumed with
 the same command each time. The resumed run must hold the same stages, episodes, datasets and evaluation results.
 """
 
@@ -130,7 +130,7 @@ def test_loop_log_is_timestamped_appended_and_names_where_a_run_stopped(tmp_path
 def test_chaos_kill_timing_follows_the_runs_pace(tmp_path: Path) -> None:
     """A kill point scales with how fast this run goes against the reference, and a kind is aimed at only while
     a stage of it is still ahead."""
-    from apo_ray.chaos import _ahead, _pace, _target
+    from apo_ray.bench.chaos import _ahead, _pace, _target
 
     ref = {"report": 2.0, "r0/demos/collect/nominal": 20.0, "r0/base/dataset": 10.0, "r0/base/train": 60.0}
     order = ["r0/demos/collect/nominal", "r0/base/dataset", "r0/base/train"]
@@ -159,7 +159,7 @@ def test_loop_end_to_end_killed_and_resumed(tmp_path: Path, monkeypatch) -> None
     aimed at a collection, a dataset build and a training stage, each resumed by the same command. The kill point
     scales with this run's pace against the reference, and a stage that ends first passes the aim to the next one
     of its kind; where each kill landed is printed, not asserted (on a busy box the last of a kind can end first)."""
-    from apo_ray.chaos import run_chaos, structure
+    from apo_ray.bench.chaos import run_chaos, structure
 
     seed = int(os.environ.get("APO_RAY_KILL_SEED", "0"))
     monkeypatch.setenv("APO_RAY_DEBUG", "1")  # a failing stage shows its traceback

@@ -82,7 +82,7 @@ def test_tiny_openvla_interface_end_to_end(tmp_path, ray_local):
     from apo_ray import config as Cfg
     from apo_ray import model as M
     from apo_ray import openvla_check as O
-    from apo_ray.bench_data import synth_episodes
+    from apo_ray.bench.data import synth_episodes
     from apo_ray.data import build_dataset
     from apo_ray.trainer import train
     from apo_ray.vla_policy import VLAPolicy

@@ -1,6 +1,6 @@
 """apo-ray bench {data,rollout,train}: throughput benchmarks printing one JSON line.
 
-Each benchmark lives in ``apo_ray/bench_<name>.py`` and is imported only when run; its flags are declared
+Each benchmark lives in ``apo_ray/bench/<name>.py`` and is imported only when run; its flags are declared
 here (so ``--help`` imports nothing heavy) and it runs as ``bench_<name>(args) -> dict``.
 """
 
@@ -23,14 +23,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--image-size", type=int, default=64, help="synthesized image size")
     d.add_argument("--repeats", type=int, default=3, help="runs of each side; the best is reported")
     d.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
-    d.set_defaults(func=run, bench_module="apo_ray.bench_data", bench_fn="bench_data")
+    d.set_defaults(func=run, bench_module="apo_ray.bench.data", bench_fn="bench_data")
 
     r = bsub.add_parser("rollout", help="collection steps/s (1 and 2 actors; 1 actor with the tiny VLA) vs the raw robosuite step rate")
     r.add_argument("--task", default="lift", help="task name (see `apo-ray tasks`)")
     r.add_argument("--image-size", type=int, default=64, help="agentview RGB size")
     r.add_argument("--episodes-per-worker", type=int, default=8, help="episodes each actor runs")
     r.add_argument("--horizon", type=int, default=100, help="steps per episode (a random policy never ends early)")
-    r.set_defaults(func=run, bench_module="apo_ray.bench_rollout", bench_fn="bench_rollout")
+    r.set_defaults(func=run, bench_module="apo_ray.bench.rollout", bench_fn="bench_rollout")
 
     t = bsub.add_parser("train", help="APO step: cached vs live reference, and ours vs the paper's step")
     t.add_argument("--micro-batch", type=int, default=8, help="samples per micro-batch (the paper's 8)")
@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lora-r", type=int, default=0,
                    help="wrap the policy in rank-R LoRA adapters (frozen base), as model.kind hf trains; 0 = full")
     t.add_argument("--variants", default="cached,live,paper", help="comma-separated variants to time")
-    t.set_defaults(func=run, bench_module="apo_ray.bench_train", bench_fn="bench_train")
+    t.set_defaults(func=run, bench_module="apo_ray.bench.train", bench_fn="bench_train")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from apo_ray.rollout import collect
+from apo_ray.rollout import RolloutSpec, RunOptions, collect
 
 
 def raw_step_rate(task: str, image_size: int, steps: int, horizon: int, barrier: Any = None) -> float:
@@ -75,18 +75,22 @@ def vla_rates(task: str, image_size: int, episodes: int, horizon: int) -> dict[s
 
     cc = CollectConfig()
     stats = {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}
-    kw = dict(corrector=None, image_size=image_size, horizon=horizon, progress=False)
+
+    def spec(out: str) -> RolloutSpec:
+        return RolloutSpec(task, "nominal", ckpt, out, image_size=image_size, horizon=horizon)
+
+    off = InferenceConfig(enabled=False)
     with tempfile.TemporaryDirectory(prefix="apo-bench-vla-") as d:
         model, proc = M.build_model(ModelConfig(), stats, image_size, ["lift the red cube"], seed=0)
         ckpt = str(M.save_checkpoint(model, proc, f"{d}/ckpt"))
         ms = ms_per_action(VLAPolicy(ckpt, threads=1), batch=1, repeats=50)
-        one = collect(task, "nominal", ckpt, episodes, 1, 0, f"{d}/one", label="bench vla 1w",
-                      inference=InferenceConfig(enabled=False), **kw)
+        one = collect(spec(f"{d}/one"), range(episodes), RunOptions(workers=1, inference=off, progress=False))
         n = episodes * cc.workers
-        per_actor = collect(task, "nominal", ckpt, n, cc.workers, 0, f"{d}/per_actor", label="bench vla per-actor",
-                            inference=InferenceConfig(enabled=False), **kw)
-        served = collect(task, "nominal", ckpt, n, cc.workers, 0, f"{d}/served", label="bench vla service",
-                         envs_per_worker=cc.envs_per_worker, inference=InferenceConfig(), **kw)
+        per_actor = collect(spec(f"{d}/per_actor"), range(n),
+                            RunOptions(workers=cc.workers, inference=off, progress=False))
+        served = collect(spec(f"{d}/served"), range(n),
+                         RunOptions(workers=cc.workers, envs_per_worker=cc.envs_per_worker,
+                                    inference=InferenceConfig(), progress=False))
     return {"ms_per_action": round(ms, 2), "steps_per_s": one["env_steps_per_s"], "workers": cc.workers,
             "envs_per_worker": cc.envs_per_worker, "per_actor": per_actor["env_steps_per_s"],
             "served": served["env_steps_per_s"], "mean_rows": served["inference"]["mean_rows"]}
@@ -98,9 +102,8 @@ def measure(task: str = "lift", image_size: int = 64, episodes_per_worker: int =
     rates = {}
     for workers in (1, 2):
         with tempfile.TemporaryDirectory(prefix="apo-bench-") as d:
-            s = collect(task, "nominal", "random", episodes_per_worker * workers, workers, 0, f"{d}/out",
-                        corrector=None, image_size=image_size, horizon=horizon, progress=False,
-                        label=f"bench {workers}w")
+            s = collect(RolloutSpec(task, "nominal", "random", f"{d}/out", image_size=image_size, horizon=horizon),
+                        range(episodes_per_worker * workers), RunOptions(workers=workers, progress=False))
             rates[workers] = s["env_steps_per_s"]
     vla = vla_rates(task, image_size, episodes_per_worker, horizon)
     raw_n = raw_parallel_rate(vla["workers"], task, image_size, episodes_per_worker * horizon, horizon)

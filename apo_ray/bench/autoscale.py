@@ -1,6 +1,6 @@
 """Run the loop on a local Ray autoscaling cluster and record what Ray's autoscaler did.
 
-``python -m apo_ray.autoscale --config configs/smoke.yaml --root runs/autoscale`` (``make test-autoscale`` runs
+``python -m apo_ray.bench.autoscale --config configs/smoke.yaml --root runs/autoscale`` (``make test-autoscale`` runs
 it through tests/test_autoscaling.py):
 
 1. starts a Ray head (``ray start --head --autoscaling-config``) with Ray's fake multi-node provider
@@ -311,7 +311,7 @@ def run_autoscaled(config: str, root: Path, overrides: list[str], spec: FakeClus
 
 
 def compare(ref: Path, run: Path) -> dict[str, Any]:
-    from apo_ray.chaos import content, structure
+    from apo_ray.bench.chaos import content, structure
 
     s_ref, s_run = structure(ref), structure(run)
     c_ref, c_run = content(ref), content(run)
@@ -321,7 +321,7 @@ def compare(ref: Path, run: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m apo_ray.autoscale", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m apo_ray.bench.autoscale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/smoke.yaml")
     ap.add_argument("--root", required=True, help="new dir for the run dirs and autoscale.json")
     ap.add_argument("--reference", help="an embedded-Ray run dir of the same config to compare with")

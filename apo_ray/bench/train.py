@@ -104,10 +104,10 @@ def _our_step(policy, ref, proc, batch, p, group: int, cached: dict | None):
     import torch
 
     from apo_ray import model as M
-    from apo_ray.loss import Scores, apo_loss
+    from apo_ray.loss import Scores, apo_loss, next_in_group
 
     inp, own, c = batch["inputs"], batch["own"], batch["c"]
-    sets = [own, M.rolled(own, group)]
+    sets = [own, next_in_group(own, group)]
     sc = M.score_actions(policy, inp, sets, proc.meta)
     s = Scores(logp=sc[0].logp, logp_u=sc[0].logp_u, token_logp=sc[0].token_logp, c=c,
                is_expert=torch.zeros_like(c, dtype=torch.bool), l1=M.decoded_l1(sc[0].pred_tokens, own, proc.meta),

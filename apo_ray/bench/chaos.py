@@ -1,6 +1,6 @@
 """Kill `apo-ray loop` at random moments in every stage kind and prove the resumed run equals an uninterrupted one.
 
-``python -m apo_ray.chaos --config configs/smoke.yaml --kills 20`` (``make chaos``):
+``python -m apo_ray.bench.chaos --config configs/smoke.yaml --kills 20`` (``make chaos``):
 
 1. runs the loop once uninterrupted (the reference), under ``ROOT/ref``;
 2. runs it again under ``ROOT/chaos``, SIGKILLing the whole process group (driver, embedded Ray, rollout
@@ -241,7 +241,7 @@ def run_chaos(config: str, root: Path, kills: int, seed: int, overrides: list[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m apo_ray.chaos", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m apo_ray.bench.chaos", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/smoke.yaml")
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--root", default="runs/chaos", help="holds ref/ and chaos/ (chaos/ is wiped first)")
