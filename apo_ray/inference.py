@@ -3,7 +3,8 @@ copy per rollout actor.
 
 Env runners (:class:`apo_ray.rollout.RolloutWorker` on Ray) send each observation they need an action for
 (image, proprio, instruction: never the privileged state) to a replica, an async Ray actor. A replica gathers
-requests from every runner until it holds ``max_batch`` of them or the oldest has waited ``max_wait_ms``, and
+requests from every runner until it holds ``max_batch`` of them, or one from every episode open on it (no more
+can come: runners open and close their episodes on the replica), or the oldest has waited ``max_wait_ms``, and
 decodes them greedily with the KV cache in one forward pass per token, on a worker thread, so the event loop
 keeps gathering the next batch meanwhile.
 
@@ -82,6 +83,7 @@ class InferenceReplica:
         self.policy: Any = None
         self.key: tuple | None = None
         self.decodes = self.rows = 0
+        self._open = 0  # episodes that may still send a request
         self._load(policy, tuple(key))
 
     def _load(self, policy: str, key: tuple) -> None:
@@ -98,12 +100,26 @@ class InferenceReplica:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._load, policy, tuple(key))
         return {"device": str(self.policy.device), "version": self.policy.version}
 
+    def _full(self) -> bool:
+        """A batch is ready: ``max_batch`` requests, or one from every open episode (none can come meanwhile)."""
+        return len(self._queue) >= min(self.max_batch, max(1, self._open))
+
+    async def open(self) -> None:
+        """An episode starts sending requests here."""
+        self._open += 1
+
+    async def close(self) -> None:
+        """An episode ended (or starts over): the batch no longer waits for it."""
+        self._open = max(0, self._open - 1)
+        if self._full():
+            self._more.set()
+
     async def act(self, key: Sequence, obs: dict[str, Any]) -> np.ndarray:
         """The (7,) action for one observation (``image``, ``proprio``, ``instruction``) of policy ``key``."""
         fut = asyncio.get_running_loop().create_future()
         self._queue.append((tuple(key), obs.get("instruction") or "", obs, fut))
         self._arrived.append(time.monotonic())
-        if len(self._queue) >= self.max_batch:
+        if self._full():
             self._more.set()
         if self._serving is None or self._serving.done():
             self._serving = asyncio.ensure_future(self._serve())
@@ -113,7 +129,7 @@ class InferenceReplica:
         loop = asyncio.get_running_loop()
         while self._queue:
             wait = self.max_wait - (time.monotonic() - self._arrived[0])
-            if len(self._queue) < self.max_batch and wait > 0:
+            if not self._full() and wait > 0:
                 self._more.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._more.wait(), wait)
@@ -217,6 +233,16 @@ class ServiceClient:
     async def act(self, obs: dict[str, Any]) -> np.ndarray:
         row = {"image": obs["image"], "proprio": obs["proprio"], "instruction": obs.get("instruction")}
         return np.asarray(await self.replica.act.remote(self.key, row), np.float32)
+
+    async def open(self) -> None:
+        await self.replica.open.remote()
+
+    async def close(self) -> None:
+        """Best effort: a dead replica's count went with it."""
+        import ray
+
+        with contextlib.suppress(ray.exceptions.RayActorError):
+            await self.replica.close.remote()
 
     async def wait_back(self, timeout_s: float = RESTART_WAIT_S) -> None:
         """Wait until the replica answers again (Ray is restarting it); raise if it does not within ``timeout_s``

@@ -423,7 +423,7 @@ class Loop:
     # ---- stage bodies: each writes only into ``work`` and returns a JSON-able summary
 
     def _collect(self, st: Stage, work: Path) -> dict[str, Any]:
-        from apo_ray.rollout import collect
+        from apo_ray.rollout import RolloutSpec, RunOptions, collect
 
         c, e = self.cfg.collect, self.cfg.env
         if st.round == 0:
@@ -434,11 +434,12 @@ class Loop:
             corrector = self.cfg.corrector
             seed = c.seed + ROUND_SEED_STRIDE * st.round + SCENARIO_SEED_STRIDE * j
             n, videos = self.cfg.loop.rollouts_per_round, c.videos
-        return collect(e.task, st.scenario, policy, n, c.workers, seed, work, round_=st.round, corrector=corrector,
-                       image_size=e.image_size, horizon=e.horizon, videos=videos, address=self.address,
-                       resume=True, progress=self.progress, label=st.key, wrist=e.wrist,
-                       oracle_version=c.oracle_version, gpus=c.gpus_per_worker, envs_per_worker=c.envs_per_worker,
-                       inference=self.cfg.inference)
+        spec = RolloutSpec(e.task, st.scenario, policy, str(work), round_=st.round, corrector=corrector,
+                           image_size=e.image_size, horizon=e.horizon, wrist=e.wrist, oracle_version=c.oracle_version)
+        run = RunOptions(workers=c.workers, envs_per_worker=c.envs_per_worker, gpus=c.gpus_per_worker,
+                         inference=self.cfg.inference, address=self.address, videos=videos, progress=self.progress,
+                         label=st.key)
+        return collect(spec, range(seed, seed + n), run, resume=True)
 
     def _dataset(self, st: Stage, work: Path) -> dict[str, Any]:
         from apo_ray.data import build_dataset
@@ -483,14 +484,16 @@ class Loop:
             return train(str(data), init, str(work), cfg, address=self.address)
 
     def _eval(self, st: Stage, work: Path) -> dict[str, Any]:
-        from apo_ray.evaluate import evaluate
+        from apo_ray.evaluate import eval_seeds, evaluate
+        from apo_ray.rollout import RolloutSpec, RunOptions
 
         ev, e = self.cfg.eval, self.cfg.env
-        return evaluate(self.checkpoint(st.round, st.arm), e.task, st.scenario, ev.episodes, ev.workers, ev.seed,
-                        work, videos=ev.videos, image_size=e.image_size, horizon=e.horizon, address=self.address,
-                        resume=True, progress=self.progress, round_=st.round, wrist=e.wrist,
-                        oracle_version=self.cfg.collect.oracle_version, gpus=ev.gpus_per_worker,
-                        envs_per_worker=ev.envs_per_worker, inference=self.cfg.inference)
+        spec = RolloutSpec(e.task, st.scenario, self.checkpoint(st.round, st.arm), str(work), round_=st.round,
+                           image_size=e.image_size, horizon=e.horizon, wrist=e.wrist,
+                           oracle_version=self.cfg.collect.oracle_version)
+        run = RunOptions(workers=ev.workers, envs_per_worker=ev.envs_per_worker, gpus=ev.gpus_per_worker,
+                         inference=self.cfg.inference, address=self.address, videos=ev.videos, progress=self.progress)
+        return evaluate(spec, eval_seeds(ev.seed, ev.episodes), run, resume=True)
 
     # ---- driver
 

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,42 @@ def _maybe_fault(seed: int, t: int, out_dir: Path) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class RolloutSpec:
+    """Everything an episode depends on besides its seed: what a :class:`RolloutWorker` rolls out."""
+
+    task: str
+    scenario: str
+    policy: str  # a scripted policy's name or a checkpoint dir (apo_ray.policies)
+    out_dir: str
+    round_: int = 0
+    corrector: CorrectorConfig | None = None  # None: the policy acts alone
+    image_size: int = 64
+    horizon: int = 0  # 0: the task's default
+    cheap_render: bool = True
+    wrist: bool = False
+    oracle_version: int | None = None  # None: the current oracle
+    service: bool = False  # a checkpoint policy acts through the inference service, not a copy in the worker
+
+    def env_key(self) -> tuple:
+        return (self.task, self.scenario, self.image_size, self.horizon, self.cheap_render, self.wrist)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a collection runs, as opposed to what it rolls out: the env runners, the policy's device, the inference
+    service, the cluster, and what is shown or kept beside the episodes."""
+
+    workers: int = 2
+    envs_per_worker: int = 1  # envs stepped by each env runner (with the inference service)
+    gpus: float = 0.0  # a checkpoint policy's GPU share (per actor, or per replica with the service)
+    inference: InferenceConfig | None = None  # None: the service with its defaults
+    address: str | None = None  # a Ray cluster; None: $RAY_ADDRESS, else an embedded Ray
+    videos: int = 0  # MP4s of the first N episodes
+    progress: bool = True
+    label: str = "collect"
+
+
 @dataclass
 class _Slot:
     """One env of a worker and what watches it: the oracle, the corrector and a scripted policy's episode state."""
@@ -103,31 +139,30 @@ class RolloutWorker:
     beside each, and the policy: a scripted one in-process, a checkpoint either through the batched inference
     service (:mod:`apo_ray.inference`, the ``service`` argument of :meth:`episode`) or as its own copy.
 
-    What it rolls out is its spec (:func:`rollout_spec`). ``run_episode`` may carry the spec of the episode it
+    What it rolls out is its :class:`RolloutSpec`. ``run_episode`` may carry the spec of the episode it
     asks for, and the worker rebuilds only what differs: a pooled actor (:func:`keep_actors`) then serves the
     next stage without a process start or the torch/robosuite imports, and a stage with the same policy keeps
     its weights loaded. An actor Ray restarts comes back with its constructor's spec and is put right by the
     next call's. On Ray it is an async actor: its episodes run as coroutines on one thread, and one whose
     policy is remote awaits its action while another steps its env."""
 
-    def __init__(self, task: str, scenario: str, policy: str, out_dir: str, **options: Any) -> None:
-        """``options``: the keyword arguments of :func:`rollout_spec`, which holds their defaults."""
-        self.spec: dict[str, Any] | None = None
+    def __init__(self, spec: RolloutSpec) -> None:
+        self.spec: RolloutSpec | None = None
         self._free: list[_Slot] = []
         self._busy = 0
         self._vla: Any = None
         self._env_key: tuple | None = None
         self._policy_key: tuple | None = None
         self.reruns = 0
-        self.retarget(rollout_spec(task, scenario, policy, out_dir, **options), load=False)
+        self.retarget(spec, load=False)
 
-    def retarget(self, spec: dict[str, Any], load: bool = True) -> None:
+    def retarget(self, spec: RolloutSpec, load: bool = True) -> None:
         """Roll out ``spec`` from now on, rebuilding the envs and the policy only where they differ. Envs are built
         on first use, in the thread that steps them (an EGL context cannot be current in two threads)."""
         if spec == self.spec:
             return
-        task, scenario, policy, ov = spec["task"], spec["scenario"], spec["policy"], spec["oracle_version"]
-        env_key = (task, scenario, spec["image_size"], spec["horizon"], spec["cheap_render"], spec["wrist"])
+        task, scenario, policy, ov = spec.task, spec.scenario, spec.policy, spec.oracle_version
+        env_key = spec.env_key()
         if env_key != self._env_key:
             if self._busy:
                 raise RuntimeError("retarget with episodes in flight")
@@ -136,15 +171,15 @@ class RolloutWorker:
             self._free = []
             self._env_key = env_key
         self._policy_key = (policy, task, ov, _weights_stamp(policy))
-        if is_scripted(policy) or spec["service"]:
+        if is_scripted(policy) or spec.service:
             self._vla = None
         elif load and (self._vla is None or self._vla[0] != self._policy_key):
             self._vla = None  # the old weights go before the next ones load
             self._vla = (self._policy_key, make_policy(policy, task, ov))
-        corrector = spec["corrector"]
+        corrector = spec.corrector
         self.corrector_cfg = corrector if corrector is not None and corrector.enabled else None
-        self.task, self.scenario, self.round = task, scenario, spec["round_"]
-        self.out_dir = Path(spec["out_dir"])
+        self.task, self.scenario, self.round = task, scenario, spec.round_
+        self.out_dir = Path(spec.out_dir)
         self.spec = spec
 
     def prepare(self, envs: int = 1) -> None:
@@ -156,10 +191,10 @@ class RolloutWorker:
 
     def _load_policy(self) -> None:
         spec = self.spec
-        if not is_scripted(spec["policy"]) and not spec["service"] and (self._vla is None
-                                                                       or self._vla[0] != self._policy_key):
+        if not is_scripted(spec.policy) and not spec.service and (self._vla is None
+                                                                 or self._vla[0] != self._policy_key):
             self._vla = None
-            self._vla = (self._policy_key, make_policy(spec["policy"], spec["task"], spec["oracle_version"]))
+            self._vla = (self._policy_key, make_policy(spec.policy, spec.task, spec.oracle_version))
 
     def _slot(self) -> _Slot:
         import envs
@@ -168,10 +203,10 @@ class RolloutWorker:
             slot = self._free.pop()
         else:
             spec = self.spec
-            slot = _Slot(envs.TaskEnv(spec["task"], spec["scenario"], image_size=spec["image_size"], camera=True,
-                                      cheap_render=spec["cheap_render"], horizon=spec["horizon"], wrist=spec["wrist"]))
-        if is_scripted(self.spec["policy"]) and slot.policy_key != self._policy_key:
-            slot.policy = make_policy(self.spec["policy"], self.task, self.spec["oracle_version"])
+            slot = _Slot(envs.TaskEnv(spec.task, spec.scenario, image_size=spec.image_size, camera=True,
+                                      cheap_render=spec.cheap_render, horizon=spec.horizon, wrist=spec.wrist))
+        if is_scripted(self.spec.policy) and slot.policy_key != self._policy_key:
+            slot.policy = make_policy(self.spec.policy, self.task, self.spec.oracle_version)
             slot.policy_key = self._policy_key
         self._busy += 1
         return slot
@@ -184,7 +219,7 @@ class RolloutWorker:
         """Ready; returns where the policy runs (``cpu``, ``cuda:0``; scripted policies: ``cpu``)."""
         return str(getattr(self._vla[1], "device", "cpu")) if self._vla is not None else "cpu"
 
-    def run_episode(self, seed: int, video: bool = False, spec: dict[str, Any] | None = None) -> EpisodeStats:
+    def run_episode(self, seed: int, video: bool = False, spec: RolloutSpec | None = None) -> EpisodeStats:
         """One episode, in-process (a scripted policy or the worker's own checkpoint copy)."""
         if spec is not None:
             self.retarget(spec)
@@ -210,7 +245,7 @@ class RolloutWorker:
         episode's own across that gap, so interleaving never changes an episode."""
         import envs
 
-        env, ov = slot.env, self.spec["oracle_version"]
+        env, ov = slot.env, self.spec.oracle_version
         oracle = envs.make_oracle(self.task, ov)
         corrector = envs.Corrector(self.task, self.corrector_cfg) if self.corrector_cfg is not None else None
         eid = episode_id(self.task, self.scenario, self.round, seed)
@@ -266,13 +301,13 @@ class RolloutWorker:
     # ---- on Ray: an async actor, every entry point below a coroutine on the actor's one event-loop thread, where
     # its envs are built and stepped
 
-    async def setup(self, spec: dict[str, Any], envs: int) -> dict[str, Any]:
+    async def setup(self, spec: RolloutSpec, envs: int) -> dict[str, Any]:
         """Retarget and build ``envs`` envs; returns the policy's device and the episodes re-run so far."""
         self.retarget(spec)
         self.prepare(envs)
         return {"device": self.ping(), "reruns": self.reruns}
 
-    async def episode(self, seed: int, video: bool, spec: dict[str, Any],
+    async def episode(self, seed: int, video: bool, spec: RolloutSpec,
                       service: dict[str, Any] | None = None) -> EpisodeStats:
         """One episode; with ``service`` its actions come from the inference replicas. If a replica dies while
         this episode waits on it, the episode starts over from its seed (the replica comes back: max_restarts)."""
@@ -287,8 +322,11 @@ class RolloutWorker:
             slot = self._slot()
             client = ServiceClient(service, seed)
             ep = self._episode(slot, seed, video, client.version)
+            opened = False
             try:
-                obs = next(ep)
+                obs = next(ep)  # the env reset, before the replica counts this episode as one to batch with
+                await client.open()
+                opened = True
                 while True:
                     obs = ep.send(await client.act(obs))
             except StopIteration as stop:
@@ -299,6 +337,8 @@ class RolloutWorker:
                 self.reruns += 1
                 print(f"inference replica died during seed {seed}: the episode starts over", file=sys.stderr)
             finally:
+                if opened:
+                    await client.close()
                 ep.close()
                 self._release(slot)
             await client.wait_back()
@@ -306,17 +346,6 @@ class RolloutWorker:
 
 EnvRunner = RolloutWorker
 """The name of the Ray actor's role: an env runner."""
-
-
-def rollout_spec(task: str, scenario: str, policy: str, out_dir: str | os.PathLike[str], *, round_: int = 0,
-                 corrector: CorrectorConfig | None = None, image_size: int = 64, horizon: int = 0,
-                 cheap_render: bool = True, wrist: bool = False, oracle_version: int | None = None,
-                 service: bool = False) -> dict[str, Any]:
-    """Everything an episode depends on besides its seed: a :class:`RolloutWorker`'s constructor arguments.
-    ``service``: a checkpoint policy acts through the inference service, not a copy in the worker."""
-    return {"task": task, "scenario": scenario, "policy": policy, "out_dir": str(out_dir), "round_": round_,
-            "corrector": corrector, "image_size": image_size, "horizon": horizon, "cheap_render": cheap_render,
-            "wrist": wrist, "oracle_version": oracle_version, "service": service}
 
 
 def _weights_stamp(policy: str) -> int | None:
@@ -401,57 +430,49 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def collect(task: str, scenario: str, policy: str, episodes: int, workers: int, seed: int,
-            out_dir: str | os.PathLike[str], *, round_: int = 0, corrector: CorrectorConfig | None = None,
-            image_size: int = 64, horizon: int = 0, videos: int = 0, address: str | None = None,
-            seeds: list[int] | None = None, resume: bool = False, progress: bool = True,
-            label: str = "collect", wrist: bool = False, oracle_version: int | None = None,
-            gpus: float = 0.0, envs_per_worker: int = 1, inference: InferenceConfig | None = None) -> dict[str, Any]:
-    """Run ``episodes`` rollouts on ``workers`` Ray actors; write one Parquet file per episode.
+def collect(spec: RolloutSpec, seeds: Sequence[int], run: RunOptions = RunOptions(), *,
+            resume: bool = False) -> dict[str, Any]:
+    """Roll ``spec`` out once per seed on ``run.workers`` Ray actors; write one Parquet file per episode.
 
-    Seeds are ``seed + i`` unless given. With ``resume``, episodes already on disk are kept and only the
-    missing ones run. ``wrist`` adds the eye-in-hand view beside agentview; a checkpoint trained on both views
-    turns it on itself. ``oracle_version`` pins the scripted oracle's revision (demos, corrector and the
-    ``oracle_action`` labels; None: the current one). ``gpus`` is each actor's GPU share for a checkpoint policy,
-    used where the cluster has GPUs (with the inference service: each replica's, unless
-    ``inference.gpus_per_replica`` says). ``envs_per_worker`` envs per actor; ``inference`` (default: on) sends a
-    checkpoint policy's observations to the batched service (:mod:`apo_ray.inference`). Returns the summary dict
-    (also written to ``out_dir/collect.json``), with ``policy_device``: where this call's actors ran the policy
-    (None if every episode was already on disk).
+    With ``resume``, episodes already on disk are kept and only the missing ones run. A checkpoint trained on
+    agentview + wrist turns ``spec.wrist`` on itself. A checkpoint policy acts through the batched inference
+    service (:mod:`apo_ray.inference`) unless ``run.inference.enabled`` is false; ``run.gpus`` is then each
+    replica's GPU share (unless ``inference.gpus_per_replica`` says), else each actor's. Returns the summary
+    dict (also written to ``spec.out_dir/collect.json``), with ``policy_device``: where this call's actors ran
+    the policy (None if every episode was already on disk).
     """
-    validate_request(task, scenario, policy, episodes, workers, gpus, envs_per_worker)
-    inference = inference if inference is not None else InferenceConfig()
-    views = policy_views(policy)
-    if wrist and views == 1 and not is_scripted(policy):
+    seeds = list(seeds)
+    validate_request(spec.task, spec.scenario, spec.policy, len(seeds), run.workers, run.gpus, run.envs_per_worker)
+    inference = run.inference if run.inference is not None else InferenceConfig()
+    views = policy_views(spec.policy)
+    if spec.wrist and views == 1 and not is_scripted(spec.policy):
         raise UserError("the policy checkpoint takes agentview alone; the wrist camera would change its images",
-                        policy, "drop --wrist (env.wrist) for this checkpoint")
-    wrist = wrist or views > 1
-    out = Path(out_dir)
+                        spec.policy, "drop --wrist (env.wrist) for this checkpoint")
+    out = Path(spec.out_dir)
     _check_out_dir(out, resume)
-    seeds = list(seeds) if seeds is not None else [seed + i for i in range(episodes)]
     (out / EPISODES_DIR).mkdir(parents=True, exist_ok=True)
     sweep_tmp(out / EPISODES_DIR)
     done: dict[int, EpisodeStats] = {}
     for i, s in enumerate(seeds):
-        path = out / EPISODES_DIR / f"{episode_id(task, scenario, round_, s)}.parquet"
+        path = out / EPISODES_DIR / f"{episode_id(spec.task, spec.scenario, spec.round_, s)}.parquet"
         if path.exists():
             done[i] = read_episode_stats(path)
     todo = [i for i in range(len(seeds)) if i not in done]
-    run = _Run(0, 0.0, None, 0)
+    result = _Run(0, 0.0, None, 0)
     if todo:
-        service = inference.enabled and not is_scripted(policy)
-        spec = rollout_spec(task, scenario, policy, out, round_=round_, corrector=corrector, image_size=image_size,
-                            horizon=horizon, wrist=wrist, oracle_version=oracle_version, service=service)
-        run = _run_parallel(spec, address, seeds, todo, done, workers, envs_per_worker if service else 1,
-                            videos, progress, label, 0.0 if is_scripted(policy) else gpus,
-                            inference if service else None)
+        service = inference.enabled and not is_scripted(spec.policy)
+        spec = dataclasses.replace(spec, out_dir=str(out), wrist=spec.wrist or views > 1, service=service)
+        run = dataclasses.replace(run, envs_per_worker=run.envs_per_worker if service else 1,
+                                  gpus=0.0 if is_scripted(spec.policy) else run.gpus,
+                                  inference=inference if service else None)
+        result = _run_parallel(spec, run, seeds, todo, done)
     stats = [done[i] for i in range(len(seeds))]
-    summary = {**summarize(stats, run.wall, run.steps), "policy_device": run.device}
-    if run.inference is not None:  # the service's decodes of this call (a restarted replica's counts start over)
-        summary["inference"] = run.inference
-        summary["inference_reruns"] = run.reruns
-    write_json(out / "collect.json", {"task": task, "scenario": scenario, "policy": policy,
-                                      "round": round_, "seeds": seeds, **summary})
+    summary = {**summarize(stats, result.wall, result.steps), "policy_device": result.device}
+    if result.inference is not None:  # the service's decodes of this call (a restarted replica's counts start over)
+        summary["inference"] = result.inference
+        summary["inference_reruns"] = result.reruns
+    write_json(out / "collect.json", {"task": spec.task, "scenario": spec.scenario, "policy": spec.policy,
+                                      "round": spec.round_, "seeds": seeds, **summary})
     return summary
 
 
@@ -551,14 +572,15 @@ def _start_service(policy: str, inference: InferenceConfig, gpus: float, offers:
     return svc, (key if _pool is not None else None), rest
 
 
-def _run_parallel(spec: dict[str, Any], address: str | None, seeds: list[int], todo: list[int],
-                  done: dict[int, EpisodeStats], workers: int, envs_per_worker: int, videos: int, progress: bool,
-                  label: str, gpus: float, inference: InferenceConfig | None) -> _Run:
+def _run_parallel(spec: RolloutSpec, run: RunOptions, seeds: list[int], todo: list[int],
+                  done: dict[int, EpisodeStats]) -> _Run:
+    """Run the episodes ``todo`` (indices into ``seeds``) on ``run.workers`` actors; fill ``done``."""
     import ray
 
     from apo_ray.ray_utils import cluster_offers, ray_session
 
-    with ray_session(address):
+    workers, gpus, inference, label = run.workers, run.gpus, run.inference, run.label
+    with ray_session(run.address):
         offers = cluster_offers()
         service, service_key = None, None
         runner_gpus = 0.0 if inference is not None else gpus  # with the service, runners hold no model
@@ -572,7 +594,7 @@ def _run_parallel(spec: dict[str, Any], address: str | None, seeds: list[int], t
         ok = False
         try:
             if inference is not None:
-                service, service_key, offers = _start_service(spec["policy"], inference, gpus, offers, label)
+                service, service_key, offers = _start_service(spec.policy, inference, gpus, offers, label)
             cap = actor_capacity(placement, offers)
             if cap < 1:
                 raise UserError(f"the cluster cannot hold one rollout actor ({placement})", "collect/eval workers",
@@ -580,15 +602,15 @@ def _run_parallel(spec: dict[str, Any], address: str | None, seeds: list[int], t
             if workers > cap:  # the rest would wait for a slot forever: their first call blocks the stage
                 print(f"[{label}] {workers} workers but the cluster holds {cap} rollout actors at once: using {cap}",
                       file=sys.stderr)
-            n = min(workers, -(-len(todo) // envs_per_worker), cap)
+            n = min(workers, -(-len(todo) // run.envs_per_worker), cap)
             actors = _pool.pop(pool_key, []) if pool_key is not None else []
             for a in actors[n:]:
                 ray.kill(a)
             actors = actors[:n]
             actor_cls = ray.remote(EnvRunner).options(max_restarts=3, max_task_retries=3, **placement)
-            actors += [actor_cls.remote(**spec) for _ in range(n - len(actors))]
-            result = _drive(actors, spec, seeds, todo, done, min(envs_per_worker, -(-len(todo) // n)), videos,
-                            progress, label, service)
+            actors += [actor_cls.remote(spec) for _ in range(n - len(actors))]
+            result = _drive(actors, spec, seeds, todo, done, min(run.envs_per_worker, -(-len(todo) // n)), run,
+                            service)
             ok = True
         finally:
             if ok and pool_key is not None and _pool is not None:
@@ -604,8 +626,8 @@ def _run_parallel(spec: dict[str, Any], address: str | None, seeds: list[int], t
     return result
 
 
-def _drive(actors: list[Any], spec: dict[str, Any], seeds: list[int], todo: list[int], done: dict[int, EpisodeStats],
-           per_actor: int, videos: int, progress: bool, label: str, service: Any) -> _Run:
+def _drive(actors: list[Any], spec: RolloutSpec, seeds: list[int], todo: list[int], done: dict[int, EpisodeStats],
+           per_actor: int, run: RunOptions, service: Any) -> _Run:
     """Keep ``per_actor`` episodes in flight on every actor until ``todo`` is done; fill ``done``."""
     import ray
 
@@ -614,14 +636,14 @@ def _drive(actors: list[Any], spec: dict[str, Any], seeds: list[int], todo: list
     device = service.device if service is not None else ",".join(sorted({r["device"] for r in ready}))
     clients = [service.client(j) if service is not None else None for j in range(len(actors))]
     counts0 = service.counts() if service is not None else (0, 0)
-    bar = _Progress(len(todo), label, progress)
+    bar = _Progress(len(todo), run.label, run.progress)
     queue = list(todo)
     pending: dict[Any, tuple[int, int]] = {}
     steps = 0
 
     def submit(j: int) -> None:
         i = queue.pop(0)
-        pending[actors[j].episode.remote(seeds[i], i < videos, spec, clients[j])] = (i, j)
+        pending[actors[j].episode.remote(seeds[i], i < run.videos, spec, clients[j])] = (i, j)
 
     try:
         t0 = time.monotonic()

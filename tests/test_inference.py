@@ -73,8 +73,8 @@ def test_same_episodes_with_1_and_2_runners_and_batching_on_and_off(ray_local, c
     envs each, batching across all four; 2 runners, no waiting; the per-actor path as a control that the
     service's rows are really decoded in batches. The service's episode files are equal bit for bit."""
     from apo_ray.evaluate import evaluate
+    from apo_ray.rollout import RolloutSpec, RunOptions
 
-    kw = dict(horizon=12, progress=False)
     runs = {
         "1x1_nobatch": dict(workers=1, envs_per_worker=1, inference=InferenceConfig(max_wait_ms=0.0)),
         "2x2_batch": dict(workers=2, envs_per_worker=2, inference=InferenceConfig(max_wait_ms=200.0)),
@@ -82,8 +82,8 @@ def test_same_episodes_with_1_and_2_runners_and_batching_on_and_off(ray_local, c
     }
     res = {}
     for name, r in runs.items():
-        res[name] = evaluate(str(ckpt), "lift", "nominal", 6, r["workers"], 100_000, tmp_path / name,
-                             envs_per_worker=r["envs_per_worker"], inference=r["inference"], **kw)
+        res[name] = evaluate(RolloutSpec("lift", "nominal", str(ckpt), str(tmp_path / name), horizon=12),
+                             range(100_000, 100_006), RunOptions(progress=False, **r))
     summaries = {n: json.loads((tmp_path / n / "collect.json").read_text()) for n in runs}
     # the batched run really batched: more rows per decode than one
     assert summaries["2x2_batch"]["inference"]["mean_rows"] > 1.5, summaries["2x2_batch"]
@@ -109,8 +109,10 @@ def test_a_killed_replica_is_restarted_and_its_episodes_rerun_once(ray_local, ck
     runners start the affected episodes over from their seeds; each episode is written once, and the files equal
     those of a run without the fault bit for bit."""
     from apo_ray.evaluate import evaluate
+    from apo_ray.rollout import RolloutSpec, RunOptions
 
-    evaluate(str(ckpt), "lift", "nominal", 3, 2, 100_000, tmp_path / "clean", horizon=10, progress=False)
+    evaluate(RolloutSpec("lift", "nominal", str(ckpt), str(tmp_path / "clean"), horizon=10), range(100_000, 100_003),
+             RunOptions(progress=False))
     marker = tmp_path / "replica-killed"
     out = tmp_path / "killed"
     env = {**os.environ, "APO_RAY_FAULT_KILL_INFERENCE": f"6:{marker}"}

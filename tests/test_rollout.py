@@ -15,7 +15,8 @@ import pytest
 
 from apo_ray import schema as S
 from apo_ray.config import CorrectorConfig, InferenceConfig
-from apo_ray.rollout import RolloutWorker, actor_capacity, actor_placement, collect
+from apo_ray.rollout import RolloutSpec as Spec
+from apo_ray.rollout import RolloutWorker, RunOptions, actor_capacity, actor_placement, collect
 
 APO = [sys.executable, "-m", "apo_ray"]
 
@@ -28,7 +29,7 @@ def _read(path: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.ray
 def test_collect_oracle_writes_schema(ray_local, tmp_path):
-    summary = collect("lift", "nominal", "oracle", 2, 2, 0, tmp_path / "out", corrector=CorrectorConfig())
+    summary = collect(Spec("lift", "nominal", "oracle", str(tmp_path / "out"), corrector=CorrectorConfig()), range(2))
     assert summary["episodes"] == 2 and summary["successes"] == 2 and summary["success_rate"] == 1.0
     assert set(summary) >= {"episodes", "successes", "success_rate", "steps", "intervention_episodes",
                             "intervention_steps", "env_steps_per_s"}
@@ -54,14 +55,16 @@ def test_collect_oracle_writes_schema(ray_local, tmp_path):
 
 @pytest.mark.ray
 def test_same_seed_same_episode_across_actors_and_processes(ray_local, tmp_path, capsys):
-    collect("lift", "nominal", "noisy-oracle:0.2", 1, 1, 7, tmp_path / "a", corrector=CorrectorConfig())
+    collect(Spec("lift", "nominal", "noisy-oracle:0.2", str(tmp_path / "a"), corrector=CorrectorConfig()), [7],
+            RunOptions(workers=1))
     # 3 workers on 2 sim slots: the third actor would wait for a slot forever, so the stage runs 2
-    collect("lift", "nominal", "noisy-oracle:0.2", 3, 3, 5, tmp_path / "b", corrector=CorrectorConfig())
+    collect(Spec("lift", "nominal", "noisy-oracle:0.2", str(tmp_path / "b"), corrector=CorrectorConfig()),
+            range(5, 8), RunOptions(workers=3))
     assert "3 workers but the cluster holds 2 rollout actors at once: using 2" in capsys.readouterr().err
     name = "lift-nominal-r0-s000007.parquet"
     a, b = _read(tmp_path / "a" / "episodes" / name), _read(tmp_path / "b" / "episodes" / name)
     # in-process, with a worker that ran another episode first
-    w = RolloutWorker("lift", "nominal", "noisy-oracle:0.2", str(tmp_path / "c"), corrector=CorrectorConfig())
+    w = RolloutWorker(Spec("lift", "nominal", "noisy-oracle:0.2", str(tmp_path / "c"), corrector=CorrectorConfig()))
     w.run_episode(6)
     w.run_episode(7)
     w.close()
@@ -78,14 +81,16 @@ def test_a_pooled_actor_serves_the_next_stage_with_the_same_bytes(ray_local, tmp
     retargeted to the first test's episode: the same bytes as a fresh actor's, and the same actor process."""
     from apo_ray import rollout as R
 
-    collect("lift", "nominal", "noisy-oracle:0.2", 1, 1, 7, tmp_path / "a", corrector=CorrectorConfig(), horizon=60)
+    one = RunOptions(workers=1)
+    collect(Spec("lift", "nominal", "noisy-oracle:0.2", str(tmp_path / "a"), corrector=CorrectorConfig(), horizon=60),
+            [7], one)
     assert R._pool is None
     with R.keep_actors():
-        collect("lift", "position", "oracle", 1, 1, 3, tmp_path / "other", round_=1, horizon=30,
-                corrector=CorrectorConfig())
+        collect(Spec("lift", "position", "oracle", str(tmp_path / "other"), round_=1, horizon=30,
+                     corrector=CorrectorConfig()), [3], one)
         (key, (actor,)), = R._pool.items()
-        collect("lift", "nominal", "noisy-oracle:0.2", 1, 1, 7, tmp_path / "d", corrector=CorrectorConfig(),
-                horizon=60)
+        collect(Spec("lift", "nominal", "noisy-oracle:0.2", str(tmp_path / "d"), corrector=CorrectorConfig(),
+                     horizon=60), [7], one)
         assert [a._actor_id for a in R._pool[key]] == [actor._actor_id]  # reused, not replaced
         # kept on a sim slot it claims no CPU: the loop keeps it through dataset and training stages
         assert json.loads(key) == {"num_cpus": 0, "resources": {"sim": 1}}
@@ -125,7 +130,8 @@ def test_a_pooled_actor_serves_the_next_stage_with_the_same_bytes(ray_local, tmp
 
 @pytest.mark.ray
 def test_intervention_labels_match_who_acted(ray_local, tmp_path):
-    summary = collect("lift", "nominal", "noisy-oracle:0.3", 3, 2, 0, tmp_path / "o", corrector=CorrectorConfig())
+    summary = collect(Spec("lift", "nominal", "noisy-oracle:0.3", str(tmp_path / "o"), corrector=CorrectorConfig()),
+                      range(3))
     assert summary["intervention_episodes"] >= 1 and summary["intervention_steps"] > 0
     for f in (tmp_path / "o" / "episodes").glob("*.parquet"):
         ep = _read(f)
@@ -140,7 +146,7 @@ def test_intervention_labels_match_who_acted(ray_local, tmp_path):
 
 
 def test_dart_demos_execute_seeded_noise_and_record_the_clean_oracle(tmp_path):
-    w = RolloutWorker("lift", "nominal", "dart-oracle:0.3", str(tmp_path), corrector=None)
+    w = RolloutWorker(Spec("lift", "nominal", "dart-oracle:0.3", str(tmp_path)))
     stats = w.run_episode(3)
     w.close()
     ep = _read(tmp_path / "episodes" / "lift-nominal-r0-s000003.parquet")
@@ -176,7 +182,8 @@ def test_killed_actor_episode_is_rerun_once(tmp_path):
 def test_video_has_border_while_correcting(ray_local, tmp_path):
     import imageio.v2 as imageio
 
-    collect("lift", "nominal", "noisy-oracle:0.3", 1, 1, 3, tmp_path / "v", corrector=CorrectorConfig(), videos=1)
+    collect(Spec("lift", "nominal", "noisy-oracle:0.3", str(tmp_path / "v"), corrector=CorrectorConfig()), [3],
+            RunOptions(workers=1, videos=1))
     ep = _read(next((tmp_path / "v" / "episodes").glob("*.parquet")))
     frames = imageio.mimread(next((tmp_path / "v" / "videos").glob("*.mp4")), memtest=False)
     assert len(frames) == len(ep[S.C])
@@ -217,21 +224,22 @@ def test_checkpoint_policy_acts_on_its_gpu_share(ray_local, tmp_path, capsys):
     ckpt = M.save_checkpoint(model, proc, tmp_path / "ckpt")
     gpu = torch.cuda.is_available()
     # each actor's own copy (the path before the inference service)
-    own = evaluate(str(ckpt), "lift", "nominal", 2, 2, 100_000, tmp_path / "own", horizon=15, gpus=0.25,
-                   progress=False, inference=InferenceConfig(enabled=False))
+    def spec(out: str) -> Spec:
+        return Spec("lift", "nominal", str(ckpt), str(tmp_path / out), horizon=15)
+
+    seeds = [100_000, 100_001]
+    own = evaluate(spec("own"), seeds, RunOptions(gpus=0.25, progress=False, inference=InferenceConfig(enabled=False)))
     assert own["policy_device"] == ("cuda:0" if gpu else "cpu") and own["episodes"] == 2
     assert gpu or "gpus_per_worker 0.25 but the cluster has no GPU" in capsys.readouterr().err
     # the default: the inference service's replicas take the share
-    res = evaluate(str(ckpt), "lift", "nominal", 2, 2, 100_000, tmp_path / "ev", horizon=15, gpus=0.25,
-                   progress=False)
+    res = evaluate(spec("ev"), seeds, RunOptions(gpus=0.25, progress=False))
     assert res["policy_device"] == ("cuda:0" if gpu else "cpu") and res["episodes"] == 2
     assert gpu or "inference replicas asked for 0.25 GPU but the cluster has no GPU" in capsys.readouterr().err
     for f in sorted((tmp_path / "ev" / "episodes").glob("*.parquet")):
         ep = _read(f)
         assert len(ep[S.T]) == 15 and (ep[S.C] == S.C_POLICY).all() and np.abs(ep[S.ACTION]).max() <= 1.0
     # every episode already on disk: nothing ran, so no device to report
-    again = evaluate(str(ckpt), "lift", "nominal", 2, 2, 100_000, tmp_path / "ev", horizon=15, resume=True,
-                     progress=False)
+    again = evaluate(spec("ev"), seeds, RunOptions(progress=False), resume=True)
     assert again["policy_device"] is None and again["successes"] == res["successes"]
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from apo_ray.cli import add_config_args
+from apo_ray.config import CollectConfig
 from envs.oracle import VERSIONS
 
 
@@ -33,15 +34,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="keep episodes already in OUT, run the missing ones")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPU share of each actor for a checkpoint policy, run in bf16 (e.g. 0.25); 0 = CPU")
+    p.add_argument("--envs-per-worker", type=int, default=CollectConfig.envs_per_worker,
+                   help="envs each actor steps while a checkpoint policy's actions come from the batched "
+                        "inference service (inference.* in --config)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
-    add_config_args(p, ("corrector",))
+    add_config_args(p, ("corrector", "inference"))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from apo_ray import fsio
     from apo_ray.cli import load_config, usage_error
-    from apo_ray.rollout import collect
+    from apo_ray.rollout import RolloutSpec, RunOptions, collect
 
     fsio.refuse_source_tree(args.out, "--out")
     if not 64 <= args.image_size <= 224:
@@ -51,9 +55,11 @@ def run(args: argparse.Namespace) -> int:
                           "drop one of them, or set corrector.enabled=false in the config")
     cfg = load_config(args, "collect")
     corrector = None if args.no_corrector else cfg.corrector
-    summary = collect(args.task, args.scenario, args.policy, args.episodes, args.workers, args.seed, args.out,
-                      round_=args.round_, corrector=corrector, image_size=args.image_size,
-                      horizon=args.horizon, wrist=args.wrist, videos=args.videos, address=args.address,
-                      resume=args.resume, oracle_version=args.oracle_version, gpus=args.gpus_per_worker)
+    spec = RolloutSpec(args.task, args.scenario, args.policy, args.out, round_=args.round_, corrector=corrector,
+                       image_size=args.image_size, horizon=args.horizon, wrist=args.wrist,
+                       oracle_version=args.oracle_version)
+    run = RunOptions(workers=args.workers, envs_per_worker=args.envs_per_worker, gpus=args.gpus_per_worker,
+                     inference=cfg.inference, address=args.address, videos=args.videos)
+    summary = collect(spec, range(args.seed, args.seed + args.episodes), run, resume=args.resume)
     print(json.dumps(summary))
     return 0

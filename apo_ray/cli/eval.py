@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from apo_ray.cli import add_config_args
+from apo_ray.config import EvalConfig
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a policy (no corrector) over seeded episodes",
@@ -26,17 +29,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="keep episodes already in OUT, run the missing ones")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPU share of each actor for a checkpoint policy, run in bf16 (e.g. 0.25); 0 = CPU")
+    p.add_argument("--envs-per-worker", type=int, default=EvalConfig.envs_per_worker,
+                   help="envs each actor steps while a checkpoint policy's actions come from the batched "
+                        "inference service (inference.* in --config)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    add_config_args(p, ("inference",))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from apo_ray import fsio
-    from apo_ray.evaluate import evaluate
+    from apo_ray.cli import load_config
+    from apo_ray.evaluate import eval_seeds, evaluate
+    from apo_ray.rollout import RolloutSpec, RunOptions
 
     fsio.refuse_source_tree(args.out, "--out")
-    result = evaluate(args.policy, args.task, args.scenario, args.episodes, args.workers, args.seed, args.out,
-                      videos=args.videos, image_size=args.image_size, horizon=args.horizon, wrist=args.wrist,
-                      address=args.address, resume=args.resume, gpus=args.gpus_per_worker)
+    cfg = load_config(args, "eval")
+    spec = RolloutSpec(args.task, args.scenario, args.policy, args.out, image_size=args.image_size,
+                       horizon=args.horizon, wrist=args.wrist)
+    run = RunOptions(workers=args.workers, envs_per_worker=args.envs_per_worker, gpus=args.gpus_per_worker,
+                     inference=cfg.inference, address=args.address, videos=args.videos)
+    result = evaluate(spec, eval_seeds(args.seed, args.episodes), run, resume=args.resume)
     print(json.dumps(result))
     return 0
