@@ -17,6 +17,7 @@ values; the Ray stages only route data through them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -619,13 +620,29 @@ def build_dataset(episode_dirs: Iterable[str | os.PathLike[str]], demo_paths: It
     for stale in out_dir.parent.glob(f"{TMP_PREFIX}{out_dir.name}.*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(out_dir) as tmp, ray_session(address), _data_context():
-        manifest = _build(inputs, tmp, cfg, config, dhash, reference, vocab_size, image_shape, t0, t_hashed)
+        spec = BuildSpec(inputs, cfg, config, dhash, reference, vocab_size, image_shape)
+        manifest = _build(spec, tmp, t0, t_hashed)
     return {**summary_of(manifest), "skipped": False, "dataset_hash": dhash}
 
 
-def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dict[str, Any], dhash: str,
-           reference: dict[str, Any] | None, vocab_size: int, image_shape: tuple[int, ...] | None, t0: float,
-           t_hashed: float) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class BuildSpec:
+    """What one build reads: the inputs (role, path, sha256) and everything that shapes its shards."""
+
+    inputs: list[dict[str, Any]]
+    cfg: DataConfig
+    config: dict[str, Any]  # the hashed part of cfg, as the manifest records it
+    dataset_hash: str
+    reference: dict[str, Any] | None  # checkpoint, sha256, action_stats; None: no reference columns
+    vocab_size: int
+    image_shape: tuple[int, ...] | None  # of the Parquet inputs (None: HDF5 demos only, read in the build)
+
+
+def _build(spec: BuildSpec, tmp: Path, t0: float, t_hashed: float) -> dict[str, Any]:
+    """Write ``spec``'s shards and manifest into ``tmp`` (renamed into place by the caller); ``t0``/``t_hashed``:
+    when the call started and finished hashing, for the manifest's stage timings."""
+    inputs, cfg, config, reference = spec.inputs, spec.cfg, spec.config, spec.reference
+    vocab_size, image_shape = spec.vocab_size, spec.image_shape
     stages: dict[str, float] = {"hash": t_hashed - t0, "ray_start": time.perf_counter() - t_hashed}
     mark = time.perf_counter()
 
@@ -737,7 +754,7 @@ def _build(inputs: list[dict[str, Any]], tmp: Path, cfg: DataConfig, config: dic
     elapsed = time.perf_counter() - t0
     manifest = {
         "schema_version": DATASET_SCHEMA_VERSION,
-        "dataset_hash": dhash,
+        "dataset_hash": spec.dataset_hash,
         "inputs": inputs,
         "config": config,
         "image_shape": list(image_shape or ()),

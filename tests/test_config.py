@@ -78,3 +78,18 @@ def test_every_key_has_a_doc_and_its_default() -> None:
         sec, name = key.split(".")
         assert doc, f"{key} has no doc"
         assert value == default[sec][name]
+
+
+def test_a_recipe_sits_under_the_file_and_the_overrides(tmp_path: Path) -> None:
+    """defaults <- recipe <- --config <- overrides; a command takes only the recipe's sections it reads."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train: {epochs: 5}\n")
+    cfg = C.load(f, ["train.lr=0.002"], sections=("train", "model"), recipe_name="base-policy")
+    base = C.RECIPES["base-policy"]
+    assert cfg.train.epochs == 5 and cfg.train.lr == 0.002  # the file and the override win
+    assert cfg.train.objective == "bc" and cfg.train.warmup_steps == base["train"]["warmup_steps"]
+    assert cfg.model.use_proprio is True
+    assert cfg.env.wrist is False and cfg.data.batch_size == C.DataConfig.batch_size  # sections it does not read
+    assert C.load(recipe_name="base-policy").env.wrist is True
+    with pytest.raises(UserError, match="unknown recipe 'nope'"):
+        C.load(recipe_name="nope")

@@ -137,10 +137,20 @@ def add_config_args(p: argparse.ArgumentParser, sections: tuple[str, ...] | None
     p.set_defaults(config_sections=sections)
 
 
+def add_recipe_arg(p: argparse.ArgumentParser) -> None:
+    """``--recipe NAME``: a named config layer under --config (apo_ray.config.RECIPES)."""
+    from apo_ray.config import RECIPES
+
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="named settings under --config and the flags; base-policy: the recipe that meets the "
+                        "learnability bar (docs/experiments/base_policy.md)")
+
+
 def load_config(args: argparse.Namespace, command: str) -> Any:
     """The config of ``--config`` + overrides; a key of a section the command does not read is refused."""
     from apo_ray import config
 
-    return config.load(args.config, args.overrides, sections=args.config_sections, command=f"apo-ray {command}")
+    return config.load(args.config, args.overrides, sections=args.config_sections, command=f"apo-ray {command}",
+                       recipe_name=getattr(args, "recipe", None))
 
 

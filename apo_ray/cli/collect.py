@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from apo_ray.cli import add_config_args
+from apo_ray.cli import add_config_args, add_recipe_arg
 from apo_ray.config import CollectConfig
 from envs.oracle import VERSIONS
 
@@ -39,12 +39,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "inference service (inference.* in --config)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
     add_config_args(p, ("corrector", "inference"))
+    add_recipe_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from apo_ray import fsio
     from apo_ray.cli import load_config, usage_error
+    from apo_ray.config import recipe
     from apo_ray.rollout import RolloutSpec, RunOptions, collect
 
     fsio.refuse_source_tree(args.out, "--out")
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args, "collect")
     corrector = None if args.no_corrector else cfg.corrector
     spec = RolloutSpec(args.task, args.scenario, args.policy, args.out, round_=args.round_, corrector=corrector,
-                       image_size=args.image_size, horizon=args.horizon, wrist=args.wrist,
+                       image_size=args.image_size, horizon=args.horizon,
+                       wrist=args.wrist or bool(recipe(args.recipe, ("env",)).get("env", {}).get("wrist")),
                        oracle_version=args.oracle_version)
     run = RunOptions(workers=args.workers, envs_per_worker=args.envs_per_worker, gpus=args.gpus_per_worker,
                      inference=cfg.inference, address=args.address, videos=args.videos)

@@ -1,8 +1,10 @@
-"""apo-ray config: the resolved config (defaults <- --config <- overrides) as YAML, or every key with its doc."""
+"""apo-ray config: the resolved config (defaults <- --recipe <- --config <- overrides) as YAML, or every key with its doc."""
 
 from __future__ import annotations
 
 import argparse
+
+from apo_ray.cli import add_recipe_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML file of overrides of the defaults")
     p.add_argument("--keys", action="store_true", help="list every key with its default and doc instead")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-4")
+    add_recipe_arg(p)
     p.set_defaults(func=run)
 
 
@@ -42,13 +45,13 @@ def run(args: argparse.Namespace) -> int:
     from apo_ray import config
 
     if args.keys:
-        if args.config or args.overrides:
+        if args.config or args.overrides or args.recipe:
             from apo_ray.cli import usage_error
 
             raise usage_error("--keys lists the defaults; it takes no --config or overrides",
                               "drop --keys to print the resolved config")
         print(keys_text())
         return 0
-    cfg = config.load(args.config, args.overrides)
+    cfg = config.load(args.config, args.overrides, recipe_name=args.recipe)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False), end="")
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 import re
 
-from apo_ray.cli import add_config_args
+from apo_ray.cli import add_config_args, add_recipe_arg
 
 OVERRIDE_RE = re.compile(r"^[a-z_]+\.[a-z_]+=")
 
@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="frozen reference checkpoint: adds ref_logp* columns so training needs no reference pass")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
     add_config_args(p, ("data", "model"))
+    add_recipe_arg(p)
     p.set_defaults(func=run)
 
 

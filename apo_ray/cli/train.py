@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from apo_ray.cli import add_config_args
+from apo_ray.cli import add_config_args, add_recipe_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="passes over the training set (train.epochs)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
     add_config_args(p, ("train", "model"))
+    add_recipe_arg(p)
     p.set_defaults(func=run)
 
 
