@@ -356,3 +356,51 @@ def test_weight_norm_batch_by_hand():
     assert m2["sum_weight"] == pytest.approx(4.0, abs=1e-9)
     with pytest.raises(ValueError, match="weight_norm"):
         apo_loss(tiny(), LossParams(weight_norm="sum"))
+
+
+def test_registry_objectives_score_and_reference_their_pairs() -> None:
+    """Each registered objective gets the token sets it declares, and its Scores carry the policy's and the
+    reference's log-probs of those sets in the fields its loss reads: the loss through the registry equals the
+    loss function called on Scores assembled by hand."""
+    from types import SimpleNamespace
+
+    from apo_ray.loss import NEEDS_REFERENCE, REGISTRY, get_objective, logp_where_differ, next_in_group
+
+    g, n = 4, 8
+    torch.manual_seed(0)
+    own, oracle = torch.randint(0, 256, (n, 7)), torch.randint(0, 256, (n, 7))
+    oracle[:, :3] = own[:, :3]
+    c = torch.tensor([0, 1, 2, 1, 0, 1, 1, 2])
+    is_expert, l1 = torch.zeros(n, dtype=torch.bool), torch.rand(n)
+
+    def fake(k: int) -> list:
+        return [SimpleNamespace(logp=torch.randn(n), logp_u=torch.randn(n), token_logp=torch.randn(n, 8))
+                for _ in range(k)]
+
+    assert {"apo", "kto", "dpo"} == NEEDS_REFERENCE
+    for name, obj in REGISTRY.items():
+        sets = obj.token_sets(own, oracle, g)
+        want = {"next": [own, next_in_group(own, g)], "oracle": [own, oracle], "": [own]}[obj.pair]
+        assert len(sets) == len(want) and all(torch.equal(a, b) for a, b in zip(sets, want, strict=True)), name
+        pol, ref = fake(len(sets)), fake(len(sets))
+        s = obj.scores(pol, own, oracle, c, is_expert, l1, g)
+        if obj.reference:
+            obj.add_reference(s, ref, own, oracle)
+        hand = Scores(logp=pol[0].logp, logp_u=pol[0].logp_u, token_logp=pol[0].token_logp, c=c, is_expert=is_expert,
+                      l1=l1, group=g)
+        if obj.pair == "next":
+            hand.kl_logp, hand.differ_mask = pol[1].logp_u, own != oracle
+            hand.ref_kl_logp = ref[1].logp_u
+            hand.ref_logp_u_differ = logp_where_differ(ref[0].token_logp, own, oracle)
+        if obj.pair == "oracle":
+            hand.oracle_logp, hand.ref_oracle_logp = pol[1].logp, ref[1].logp
+        if obj.reference:
+            hand.ref_logp, hand.ref_logp_u = ref[0].logp, ref[0].logp_u
+        for p in (LossParams(), LossParams(undesirable_tokens="differ")):
+            fn = {"apo": apo_loss, "kto": kto_loss, "dpo": dpo_loss, "bc": bc_loss, "dagger": dagger_loss,
+                  "sirius": sirius_loss}[name]
+            assert_close(get_objective(name).loss(s, p, None)[0], fn(hand, p)[0])
+        assert obj.reference_columns(LossParams(undesirable_tokens="differ")) == (
+            {"ref_logp_oracle"} if obj.pair == "oracle" else {"ref_logp_u_differ"} if obj.pair == "next" else set())
+    with pytest.raises(ValueError, match="unknown objective"):
+        get_objective("ppo")
