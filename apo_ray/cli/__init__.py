@@ -87,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Ray Data logs to its session file only: a failure ends in our one line, not in its console tracebacks
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).resolve().parents[1] / "ray_data_logging.yaml"))
+    from apo_ray.quiet import drop_noise
+
     try:
-        rc = args.func(args)
+        with drop_noise():
+            rc = args.func(args)
         return int(rc or 0)
     except UserError as e:
         print(e.line(), file=sys.stderr)

@@ -1,0 +1,86 @@
+"""Keep a few known, harmless Ray messages off the user's terminal.
+
+Ray writes some warnings straight to the driver's file descriptor 2: its C++ core worker (no Python logger to
+configure) and its log monitor, which forwards raylet lines. Two of them show on every loop run and mean nothing
+for it (see ``NOISE``). :func:`drop_noise` routes fd 2 through a thread that drops exactly those lines and forwards
+everything else unchanged, byte for byte. When fd 2 is a terminal it goes through a pseudo-terminal in raw mode, so
+``isatty()`` stays true (progress bars keep working) and no byte is translated. ``APO_RAY_DEBUG=1`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import threading
+from collections.abc import Iterator
+
+NOISE = (
+    # Ray Data's actor for the reference stage (a map_batches callable class) gets its constructor through the
+    # object store, as Ray Data always does; Ray (ray-project/ray#53727) warns about restarts of such actors on
+    # every run. A lost constructor argument would fail the stage, which the loop then reruns.
+    re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"),
+    # the raylet's note that several Python workers are starting at once (Ray Train's and Ray Data's workers at
+    # a stage start): expected here, not a leak
+    re.compile(rb"PYTHON worker processes have been started on node"),
+)
+
+
+def is_noise(line: bytes, patterns: tuple[re.Pattern[bytes], ...] = NOISE) -> bool:
+    return any(p.search(line) for p in patterns)
+
+
+def _pump(src: int, dst: int, patterns: tuple[re.Pattern[bytes], ...]) -> None:
+    """Copy ``src`` to ``dst`` line by line, dropping lines that match; a partial line (a progress bar's ``\\r``
+    update) is written as soon as it arrives unless it could still become a dropped line."""
+    buf = b""
+    while True:
+        try:
+            chunk = os.read(src, 65536)
+        except OSError:  # a pty reports EIO when its last writer closes
+            chunk = b""
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        out = b"".join(line + b"\n" for line in lines if not is_noise(line, patterns))
+        if buf and b"\r" in buf:  # a bar redraws in place: pass what is complete up to its last \r
+            head, _, buf = buf.rpartition(b"\r")
+            out += head + b"\r"
+        if out:
+            os.write(dst, out)
+    if buf and not is_noise(buf, patterns):
+        os.write(dst, buf)
+
+
+@contextlib.contextmanager
+def drop_noise(patterns: tuple[re.Pattern[bytes], ...] = NOISE) -> Iterator[None]:
+    """Filter fd 2 (see the module docstring) for the duration of the block. Child processes started inside it
+    (an embedded Ray) write through the filter too."""
+    if os.environ.get("APO_RAY_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    real = os.dup(2)
+    if os.isatty(2):
+        import pty
+        import tty
+
+        read_end, write_end = pty.openpty()
+        tty.setraw(write_end)  # no \n -> \r\n, no echo: the bytes pass as written
+    else:
+        read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    pump = threading.Thread(target=_pump, args=(read_end, real, patterns), name="stderr-filter", daemon=True)
+    pump.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(real, 2)  # our fd 2 is the terminal again; children still holding the pipe keep the pump alive
+        pump.join(timeout=1.0)
+        if not pump.is_alive():
+            os.close(read_end)
+            os.close(real)
