@@ -265,9 +265,11 @@ class InferenceConfig:
     max_batch: int = 8
     """Rows of every decode. Fewer requests are padded to this fixed shape, so a row's result never depends on its
     batch mates; like ``threads``, part of the policy's numerics (a change may move low-order bits)."""
-    max_wait_ms: float = 50.0
-    """How long a replica holds its oldest request waiting for a full batch (0: decode what is queued at once). On
-    CPU a padded row costs nearly what a real one does, so a full batch is worth a wait (docs/LOOP.md)."""
+    max_wait_ms: float = 150.0
+    """The longest a replica holds its oldest request waiting for a full batch (0: decode what is queued at once);
+    it decodes sooner once every open episode is waiting. On CPU a padded row costs nearly what a real one does,
+    so a full batch is worth a wait while the runners step their other envs (docs/LOOP.md: 150 ms filled 7.9 of 8
+    rows, 50 ms 4.5)."""
     replicas: int = 1
     """Replicas (model copies) on CPU; on a cluster with GPUs, one per GPU (``gpus_per_replica: 1``) is the rule."""
     gpus_per_replica: float = 0.0
