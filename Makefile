@@ -35,7 +35,7 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -x -n 2 --dist loadgroup tests
 
-# The smoke loop on a local Ray autoscaling cluster (fake multi-node provider) against the embedded Ray (not in CI yet: see docs/LOOP.md)
+# The smoke loop on a local Ray autoscaling cluster (fake multi-node provider) against the embedded Ray (also in make test)
 test-autoscale: setup
 	$(PY) -m pytest -x -s -p no:cacheprovider tests/test_autoscaling.py
 

@@ -1,6 +1,6 @@
 """The autoscaling claim, checked with Ray's own autoscaler instead of by reading cluster.yaml.
 
-``test_smoke_loop_on_an_autoscaling_cluster`` (slow; ``make test-autoscale``, which CI runs) runs configs/smoke.yaml
+``test_smoke_loop_on_an_autoscaling_cluster`` (in ``make test``; alone: ``make test-autoscale``) runs configs/smoke.yaml
 cut to one round (as tests/test_loop.py does, to keep CI short; ``python -m apo_ray.bench.autoscale`` runs both rounds)
 on a local Ray head with the fake multi-node provider (min-0 ``rollout`` and ``trainer`` node types, see
 apo_ray/bench/autoscale.py) and on the embedded Ray, and checks from ``ray.nodes()`` and the autoscaler's log that nodes
@@ -46,8 +46,8 @@ def _stage_of(events: list[dict], kind: str, event: str, node_type: str) -> list
             and e["stage"].split("/")[2] == kind]
 
 
-@pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.xdist_group("autoscale")  # its own Ray head: beside the shared-Ray tests, not after them (~4.5 min)
 def test_smoke_loop_on_an_autoscaling_cluster(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "APO_RAY_AUTOSCALER_CONFIG")}
     # the script stops its cluster itself when the loop overruns (a killed script would leave it running)
