@@ -96,7 +96,9 @@ class InferenceReplica:
         self.key = key
 
     async def load(self, policy: str, key: Sequence) -> dict[str, str]:
-        """Serve ``policy`` from now on (a no-op for the loaded one); returns its device and version."""
+        """Serve ``policy`` from now on (a no-op for the loaded one); returns its device and version. A stage
+        starts here with no episode open (one a killed runner left open is forgotten)."""
+        self._open = 0
         await asyncio.get_running_loop().run_in_executor(self._pool, self._load, policy, tuple(key))
         return {"device": str(self.policy.device), "version": self.policy.version}
 
