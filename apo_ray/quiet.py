@@ -64,11 +64,15 @@ def drop_noise(patterns: tuple[re.Pattern[bytes], ...] = NOISE) -> Iterator[None
     sys.stderr.flush()
     real = os.dup(2)
     if os.isatty(2):
+        import fcntl
         import pty
+        import termios
         import tty
 
         read_end, write_end = pty.openpty()
         tty.setraw(write_end)  # no \n -> \r\n, no echo: the bytes pass as written
+        with contextlib.suppress(OSError):  # the terminal's size, so bars are drawn to its width
+            fcntl.ioctl(write_end, termios.TIOCSWINSZ, fcntl.ioctl(real, termios.TIOCGWINSZ, b"\0" * 8))
     else:
         read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
