@@ -101,24 +101,27 @@ def _paper_step(policy, ref, proc, batch, p, group: int):
 
 
 def _our_step(policy, ref, proc, batch, p, group: int, cached: dict | None):
+    """The trainer's step (``trainer._score``): the objective's token sets in one stacked forward, the reference
+    from the dataset's columns or a live replica, through the objective registry."""
     import torch
 
     from apo_ray import model as M
-    from apo_ray.loss import Scores, apo_loss, next_in_group
+    from apo_ray.loss import add_cached_reference, get_objective
 
+    obj = get_objective("apo")
     inp, own, c = batch["inputs"], batch["own"], batch["c"]
-    sets = [own, next_in_group(own, group)]
+    oracle = own  # the synthetic batch has no corrector labels; undesirable_tokens=all never reads them
+    sets = obj.token_sets(own, oracle, group)
     sc = M.score_actions(policy, inp, sets, proc.meta)
-    s = Scores(logp=sc[0].logp, logp_u=sc[0].logp_u, token_logp=sc[0].token_logp, c=c,
-               is_expert=torch.zeros_like(c, dtype=torch.bool), l1=M.decoded_l1(sc[0].pred_tokens, own, proc.meta),
-               group=group, kl_logp=sc[1].logp_u)
+    s = obj.scores(sc, own, oracle, c, torch.zeros_like(c, dtype=torch.bool),
+                   M.decoded_l1(sc[0].pred_tokens, own, proc.meta), group)
     if cached is not None:
-        s.ref_logp, s.ref_logp_u, s.ref_kl_logp = cached["ref_logp"], cached["ref_logp_u"], cached["ref_kl_logp"]
+        add_cached_reference(s, cached)
     else:
         with torch.no_grad():
             rs = M.score_actions(ref, inp, sets, proc.meta)
-        s.ref_logp, s.ref_logp_u, s.ref_kl_logp = rs[0].logp, rs[0].logp_u, rs[1].logp_u
-    return apo_loss(s, p)[0]
+        obj.add_reference(s, rs, own, oracle)
+    return obj.loss(s, p, None)[0]
 
 
 def _setup(opts: dict):
