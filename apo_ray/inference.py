@@ -48,12 +48,15 @@ def policy_key(policy: str) -> tuple[str, int | None]:
     return policy.strip(), (d.stat().st_mtime_ns if d.exists() else None)
 
 
-def replica_placement(gpus: float, cluster: dict[str, float]) -> dict[str, Any]:
+def replica_placement(gpus: float, cluster: dict[str, float], embedded: bool = False) -> dict[str, Any]:
     """Ray options of one replica: a GPU (share) where asked for and the cluster has or can add GPUs (the trainer
-    nodes; one replica per GPU holds one model copy there), else one CPU for its decoding thread."""
+    nodes; one replica per GPU holds one model copy there), else one CPU for its decoding thread. On the embedded
+    node a CPU replica claims no CPU: its decode shares the cores with the env runners just as a copy in each
+    runner would, and a loop can then keep its process (torch imported) through dataset builds and trainings
+    instead of starting a new one for every rollout stage (``rollout.release_actors``)."""
     if gpus > 0 and cluster.get("GPU", 0) > 0:
         return {"num_cpus": 1, "num_gpus": gpus}
-    return {"num_cpus": 1}
+    return {"num_cpus": 0} if embedded else {"num_cpus": 1}
 
 
 def _maybe_fault(decodes: int) -> None:
@@ -101,6 +104,17 @@ class InferenceReplica:
         self._open = 0
         await asyncio.get_running_loop().run_in_executor(self._pool, self._load, policy, tuple(key))
         return {"device": str(self.policy.device), "version": self.policy.version}
+
+    async def unload(self) -> None:
+        """Drop the weights (an idle replica kept through a training holds its process, not a model copy); on the
+        decode thread, so it follows any decode still running."""
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._unload)
+
+    def _unload(self) -> None:
+        import gc
+
+        self.policy, self.key = None, None
+        gc.collect()
 
     def _full(self) -> bool:
         """A batch is ready: ``max_batch`` requests, or one from every open episode (none can come meanwhile)."""
@@ -162,7 +176,7 @@ class InferenceReplica:
         return self.policy.act(padded)[: len(rows)]
 
     def ping(self) -> str:
-        return str(self.policy.device)
+        return str(self.policy.device) if self.policy is not None else "unloaded"
 
     def counts(self) -> tuple[int, int]:
         """Decodes run and the real (unpadded) rows they held, since this replica (re)started."""
@@ -213,6 +227,17 @@ class InferenceService:
 
         got = ray.get([r.counts.remote() for r in self.replicas])
         return sum(g[0] for g in got), sum(g[1] for g in got)
+
+    def unload(self) -> bool:
+        """Drop every replica's weights, keeping the processes; False if a replica could not (then kill it all)."""
+        import ray
+
+        self.key, self.version, self.device = (), "", ""
+        try:
+            ray.get([r.unload.remote() for r in self.replicas], timeout=RESTART_WAIT_S)
+        except ray.exceptions.RayError:  # a dead replica, or a timeout
+            return False
+        return True
 
     def kill(self) -> None:
         import ray

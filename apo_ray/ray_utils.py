@@ -52,10 +52,21 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         ray.init(address=address, **kwargs)
     else:
         _start_embedded(ray, num_cpus, kwargs)
+    global _embedded
+    _embedded = not address
     try:
         yield
     finally:
+        _embedded = False
         ray.shutdown()
+
+
+_embedded = False
+
+
+def embedded() -> bool:
+    """True while this process runs on the single-node Ray it started itself (not a cluster it joined)."""
+    return _embedded
 
 
 def join_address(address: str | None) -> str | None:

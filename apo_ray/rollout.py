@@ -492,7 +492,8 @@ def actor_placement(gpus: float, cluster: dict[str, float]) -> dict[str, Any]:
 def actor_capacity(placement: dict[str, Any], cluster: dict[str, float]) -> int:
     """How many actors with ``placement`` the cluster can hold at once (under an autoscaler, at its most)."""
     need = {"CPU": placement.get("num_cpus", 0), "GPU": placement.get("num_gpus", 0), **placement.get("resources", {})}
-    return int(min((cluster.get(k, 0.0) // v for k, v in need.items() if v > 0), default=0))
+    # one that claims nothing (an embedded CPU replica) fits any number of times
+    return int(min((cluster.get(k, 0.0) // v for k, v in need.items() if v > 0), default=1 << 30))
 
 
 _pool: dict[str, list[Any]] | None = None
@@ -519,9 +520,10 @@ def keep_actors() -> Iterator[None]:
 
 
 def release_actors(cpu_only: bool = False) -> None:
-    """Kill the idle pooled actors and inference services (with ``cpu_only``, those whose placement claims CPUs)."""
+    """Kill the idle pooled actors and inference services (with ``cpu_only``, those whose placement claims CPUs;
+    an inference service that claims none drops its weights and keeps its processes)."""
     for key in list(_services):
-        if not cpu_only or json.loads(key)["placement"].get("num_cpus", 0) > 0:
+        if not cpu_only or json.loads(key)["placement"].get("num_cpus", 0) > 0 or not _services[key].unload():
             _services.pop(key).kill()
     if not _pool:
         return
@@ -546,9 +548,10 @@ def _start_service(policy: str, inference: InferenceConfig, gpus: float, offers:
     """The stage's inference service (a pooled one retargeted, or new), its pool key, and what the cluster
     offers the env runners beside it."""
     from apo_ray.inference import InferenceService, replica_placement
+    from apo_ray.ray_utils import embedded
 
     share = inference.gpus_per_replica or gpus
-    placement = replica_placement(share, offers)
+    placement = replica_placement(share, offers, embedded())
     if share > 0 and "num_gpus" not in placement:
         print(f"[{label}] inference replicas asked for {share:g} GPU but the cluster has no GPU: the policy runs "
               "on CPU", file=sys.stderr)

@@ -128,3 +128,37 @@ def test_a_killed_replica_is_restarted_and_its_episodes_rerun_once(ray_local, ck
     assert not list((out / "episodes").glob("*.tmp*"))
     for f, t in clean.items():
         assert t.equals(killed[f]), f
+
+
+@pytest.mark.ray
+def test_a_loop_keeps_its_cpu_replica_through_training_without_its_weights(ray_local, ckpt, tmp_path):
+    """On the embedded node a CPU replica claims no CPU, so the loop's release before a training keeps its
+    process and drops only its weights; the next stage's policy (another checkpoint, as after a training) then
+    decodes in that same process, with the episodes of a fresh service."""
+    from apo_ray import rollout as R
+    from apo_ray.evaluate import evaluate
+    from apo_ray.rollout import RolloutSpec, RunOptions
+
+    model, proc = M.build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2), STATS, 64,
+                                ["lift the red cube"], seed=1)
+    other = M.save_checkpoint(model, proc, tmp_path / "other")
+    run = RunOptions(progress=False, workers=1, envs_per_worker=2)
+    seeds = range(100_000, 100_002)
+    evaluate(RolloutSpec("lift", "nominal", str(other), str(tmp_path / "fresh"), horizon=8), seeds, run)
+    with R.keep_actors():
+        evaluate(RolloutSpec("lift", "nominal", str(ckpt), str(tmp_path / "a"), horizon=8), seeds, run)
+        (key, svc), = R._services.items()
+        assert json.loads(key)["placement"] == {"num_cpus": 0}
+        (replica,) = svc.replicas
+        R.release_actors(cpu_only=True)
+        assert R._services == {key: svc}
+        assert ray_local.get(replica.ping.remote()) == "unloaded"
+        assert ray_local.available_resources()["CPU"] == ray_local.cluster_resources()["CPU"]
+        evaluate(RolloutSpec("lift", "nominal", str(other), str(tmp_path / "b"), horizon=8), seeds, run)
+        assert R._services[key].replicas[0]._actor_id == replica._actor_id
+        assert ray_local.get(replica.ping.remote()) == "cpu"
+    assert R._services == {}
+    fresh, b = _tables(tmp_path / "fresh"), _tables(tmp_path / "b")
+    assert list(fresh) == list(b) and len(b) == 2
+    for f in fresh:
+        assert (tmp_path / "fresh" / "episodes" / f).read_bytes() == (tmp_path / "b" / "episodes" / f).read_bytes()
