@@ -1,9 +1,10 @@
 """Keep a few known, harmless Ray messages off the user's terminal.
 
-Ray writes some warnings straight to the driver's file descriptor 2: its C++ core worker (no Python logger to
-configure) and its log monitor, which forwards raylet lines. Two of them show on every loop run and mean nothing
-for it (see ``NOISE``). :func:`drop_noise` routes fd 2 through a thread that drops exactly those lines and forwards
-everything else unchanged, byte for byte. When fd 2 is a terminal it goes through a pseudo-terminal in raw mode, so
+Ray writes some warnings straight to the driver's file descriptors: its C++ core worker to fd 2 (no Python logger
+to configure), and the driver's listener for raylet messages to stdout (``ray._private.worker.
+listen_error_messages`` prints them as non-error output). Two of them show on every loop run and mean nothing for
+it (see ``NOISE``). :func:`drop_noise` routes fds 1 and 2 each through a thread that drops exactly those lines and
+forwards everything else unchanged, byte for byte. A terminal fd goes through a pseudo-terminal in raw mode, so
 ``isatty()`` stays true (progress bars keep working) and no byte is translated. ``APO_RAY_DEBUG=1`` turns it off.
 """
 
@@ -56,14 +57,32 @@ def _pump(src: int, dst: int, patterns: tuple[re.Pattern[bytes], ...]) -> None:
 
 @contextlib.contextmanager
 def drop_noise(patterns: tuple[re.Pattern[bytes], ...] = NOISE) -> Iterator[None]:
-    """Filter fd 2 (see the module docstring) for the duration of the block. Child processes started inside it
-    (an embedded Ray) write through the filter too."""
+    """Filter fds 1 and 2 (see the module docstring) for the duration of the block. Child processes started inside
+    it (an embedded Ray) write through the filters too."""
     if os.environ.get("APO_RAY_DEBUG"):
         yield
         return
+    sys.stdout.flush()
     sys.stderr.flush()
-    real = os.dup(2)
-    if os.isatty(2):
+    routes = [_route(fd, patterns) for fd in (1, 2)]
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, real, _, _ in routes:  # our fds are the real ones again; children still holding a pipe keep its pump
+            os.dup2(real, fd)
+        for _, real, read_end, pump in routes:
+            pump.join(timeout=1.0)
+            if not pump.is_alive():
+                os.close(read_end)
+                os.close(real)
+
+
+def _route(fd: int, patterns: tuple[re.Pattern[bytes], ...]) -> tuple[int, int, int, threading.Thread]:
+    """Point ``fd`` at a filter thread that writes to a copy of what it was; (fd, copy, read end, thread)."""
+    real = os.dup(fd)
+    if os.isatty(fd):
         import fcntl
         import pty
         import termios
@@ -75,16 +94,8 @@ def drop_noise(patterns: tuple[re.Pattern[bytes], ...] = NOISE) -> Iterator[None
             fcntl.ioctl(write_end, termios.TIOCSWINSZ, fcntl.ioctl(real, termios.TIOCGWINSZ, b"\0" * 8))
     else:
         read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
+    os.dup2(write_end, fd)
     os.close(write_end)
-    pump = threading.Thread(target=_pump, args=(read_end, real, patterns), name="stderr-filter", daemon=True)
+    pump = threading.Thread(target=_pump, args=(read_end, real, patterns), name=f"fd{fd}-filter", daemon=True)
     pump.start()
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(real, 2)  # our fd 2 is the terminal again; children still holding the pipe keep the pump alive
-        pump.join(timeout=1.0)
-        if not pump.is_alive():
-            os.close(read_end)
-            os.close(real)
+    return fd, real, read_end, pump
