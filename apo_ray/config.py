@@ -174,7 +174,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Gradient-norm clip."""
     seed: int = 1
-    """Seed of the weights (from scratch) and the data order."""
+    """Seed of torch's RNG and of the weights when training from scratch. The data order is the dataset's
+    (``data.seed``), so a warm-started run on a built dataset does not depend on it (docs/experiments/demo_pi0.md)."""
     beta: float = 0.1
     """APO/KTO/DPO temperature of the log-ratio rewards."""
     kl_clamp: float = 5.0
