@@ -30,6 +30,14 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+_embedded = False
+
+
+def embedded() -> bool:
+    """True while this process runs on the single-node Ray it started itself (not a cluster it joined)."""
+    return _embedded
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
     """Use the running Ray if any; else join ``address`` (default ``RAY_ADDRESS``) or, with neither, start an
@@ -59,14 +67,6 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     finally:
         _embedded = False
         ray.shutdown()
-
-
-_embedded = False
-
-
-def embedded() -> bool:
-    """True while this process runs on the single-node Ray it started itself (not a cluster it joined)."""
-    return _embedded
 
 
 def join_address(address: str | None) -> str | None:

@@ -523,8 +523,10 @@ def release_actors(cpu_only: bool = False) -> None:
     """Kill the idle pooled actors and inference services (with ``cpu_only``, those whose placement claims CPUs;
     an inference service that claims none drops its weights and keeps its processes)."""
     for key in list(_services):
-        if not cpu_only or json.loads(key)["placement"].get("num_cpus", 0) > 0 or not _services[key].unload():
-            _services.pop(key).kill()
+        holds_cpu = json.loads(key)["placement"].get("num_cpus", 0) > 0
+        if cpu_only and not holds_cpu and _services[key].unload():
+            continue
+        _services.pop(key).kill()
     if not _pool:
         return
     import ray
