@@ -219,7 +219,8 @@ class TrainConfig:
     sirius_preintervention_weight: float = 0.0
     """Sirius: weight of the policy steps before an intervention."""
     reference: str = "auto"
-    """``auto`` (cached ref log-prob columns when the dataset has them, else a live replica), ``cached``, ``live``."""
+    """``auto`` (the dataset's cached ref log-prob columns when they come from ``--init``'s checkpoint, matched by
+    path or file content; else a live replica), ``cached``, ``live``."""
     cpus_per_worker: float = 0.5
     """Ray CPUs per train worker; 0.5 leaves room for Ray Data on a 2-core box."""
     torch_threads: int = 0

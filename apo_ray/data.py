@@ -39,7 +39,7 @@ from apo_ray import actions as A
 from apo_ray import schema as S
 from apo_ray.config import DataConfig
 from apo_ray.errors import UserError
-from apo_ray.fsio import TMP_PREFIX, atomic_dir, sha256_file, write_json
+from apo_ray.fsio import TMP_PREFIX, atomic_dir, sha256_dir, sha256_file, write_json
 from apo_ray.ray_utils import cluster_offers, ray_session
 
 DATASET_SCHEMA_VERSION = 2
@@ -480,15 +480,6 @@ def _checkpoint_stats(ckpt: Path) -> dict[str, Any]:
     return stats
 
 
-def _dir_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if p.is_file():
-            h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
-            h.update(sha256_file(p).encode())
-    return h.hexdigest()
-
-
 def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:
     """The CLI's JSON line, from a manifest."""
     c = manifest["counts"]
@@ -603,7 +594,7 @@ def build_dataset(episode_dirs: Iterable[str | os.PathLike[str]], demo_paths: It
     if ref_checkpoint is not None:
         # Fine-tuning keeps the reference's action statistics: re-deriving them from the new data would move
         # every bin, so the warm-started policy and its reference would score shifted labels.
-        reference = {"checkpoint": str(Path(ref_checkpoint).resolve()), "sha256": _dir_hash(Path(ref_checkpoint)),
+        reference = {"checkpoint": str(Path(ref_checkpoint).resolve()), "sha256": sha256_dir(ref_checkpoint),
                      "action_stats": _checkpoint_stats(Path(ref_checkpoint))}
     dhash = _dataset_hash(inputs, config, reference)
     t_hashed = time.perf_counter()

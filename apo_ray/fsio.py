@@ -161,6 +161,16 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_dir(path: str | os.PathLike[str]) -> str:
+    """A checkpoint's identity by content: relative names and file hashes (a single file hashes by its name)."""
+    root, h = Path(path), hashlib.sha256()
+    for p in sorted(root.rglob("*")) if root.is_dir() else [root]:
+        if p.is_file():
+            h.update(str(p.relative_to(root) if root.is_dir() else p.name).encode())
+            h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
 def sweep_tmp(directory: str | os.PathLike[str]) -> int:
     """Delete temp files left by a killed writer. Returns how many were removed."""
     d = Path(directory)

@@ -128,16 +128,16 @@ def _reference_mode(cfg: Config, info: dict, init: str) -> str:
         return "none"
     need = obj.reference_columns(LossParams.from_train_config(t))
     cached_ok = info["has_ref"] and need <= set(info["ref_optional"])
-    ref = (info["manifest"].get("reference") or {}).get("checkpoint", "")
-    same = bool(ref) and init != "scratch" and _same_ckpt(ref, init)
+    ref = info["manifest"].get("reference") or {}
+    same = _same_ckpt(ref, init)
     if t.reference == "cached":
         if not cached_ok:
             missing = sorted((set(REF_COLUMNS) if not info["has_ref"] else set()) | (need - set(info["ref_optional"])))
             raise UserError(f"train.reference=cached but the dataset has no reference log-prob columns "
                             f"{', '.join(missing)}",
                             "config train.reference", "build the dataset with --ref-checkpoint, or use live")
-        if ref and not same:
-            raise UserError(f"the dataset's reference log-probs come from {ref}, not from --init {init}",
+        if ref.get("checkpoint") and not same:
+            raise UserError(f"the dataset's reference log-probs come from {ref['checkpoint']}, not from --init {init}",
                             "config train.reference", "rebuild the dataset with this reference or use live")
         return "cached"
     if t.reference == "live":
@@ -209,12 +209,18 @@ def _check_action_stats(info: dict, init: str, init_meta: dict) -> None:
                         f"rebuild the dataset with --ref-checkpoint {init}")
 
 
-def _same_ckpt(a: str, b: str) -> bool:
+def _same_ckpt(ref: dict, init: str) -> bool:
+    """Whether the dataset's reference checkpoint is --init: the same directory, or the same content (a forked or
+    restored run keeps the source's path in its manifest, and falling back to a live reference there would change
+    the run's arithmetic)."""
     def norm(p: str) -> Path:
         q = Path(p).resolve()
         return q / "checkpoint" if (q / "checkpoint").is_dir() else q
 
-    return norm(a) == norm(b)
+    if not ref.get("checkpoint") or init == "scratch":
+        return False
+    a, b = norm(ref["checkpoint"]), norm(init)
+    return a == b or (bool(ref.get("sha256")) and b.exists() and fsio.sha256_dir(b) == ref["sha256"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,29 @@ def test_reference_mode_needs_every_column_the_loss_reads(tmp_path):
     info["ref_optional"].append("ref_logp_u_differ")
     assert _reference_mode(tiny_cfg(objective="kto", undesirable_tokens="differ"), info, "/c") == "cached"
     assert _reference_mode(tiny_cfg(objective="dagger", undesirable_tokens="differ"), info, "/c") == "none"
+
+
+def test_cached_reference_follows_the_checkpoints_content_not_its_path(tmp_path):
+    """A forked or restored run holds its reference checkpoint at another path than the one in the manifest: the
+    same files keep the cached reference (a silent switch to a live one changes the run's arithmetic), other
+    files do not."""
+    from apo_ray.trainer import _reference_mode
+
+    src = tmp_path / "src" / "checkpoint"
+    src.mkdir(parents=True)
+    (src / "model.safetensors").write_bytes(b"weights")
+    (src / "config.json").write_text("{}")
+    info = {"has_ref": True, "ref_optional": [],
+            "manifest": {"reference": {"checkpoint": str(src), "sha256": fsio.sha256_dir(src)}}}
+    fork = tmp_path / "fork"
+    shutil.copytree(src, fork / "checkpoint")
+    assert _reference_mode(tiny_cfg(objective="apo"), info, str(fork)) == "cached"
+    assert _reference_mode(tiny_cfg(objective="apo"), info, str(src)) == "cached"
+    (fork / "checkpoint" / "model.safetensors").write_bytes(b"other weights")
+    assert _reference_mode(tiny_cfg(objective="apo"), info, str(fork)) == "live"
+    with pytest.raises(UserError, match="reference log-probs come from"):
+        _reference_mode(tiny_cfg(objective="apo", reference="cached"), info, str(fork))
+    assert _reference_mode(tiny_cfg(objective="apo"), info, "scratch") == "live"
 
 
 @pytest.mark.ray
