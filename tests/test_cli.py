@@ -100,3 +100,21 @@ def test_loop_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path, capsys)
     assert main(["loop", "--config", str(SMOKE), "--run-dir", str(run_dir), "--dry-run", "loop.rounds=1"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{len(stages)} stages, 1 done") and out[1].split()[1] == "done"
+
+
+def test_dataset_and_train_take_the_recipe_under_their_config_and_flags(tmp_path: Path) -> None:
+    """``--recipe base-policy`` reaches the resolved config of dataset and train (the documented π0 commands),
+    under --config, the overrides and the command's own flags (train dropped it once and trained APO)."""
+    from apo_ray.cli import load_config
+    from apo_ray.cli.train import resolved_config
+
+    parse = build_parser().parse_args
+    train = ["train", "--data", "d", "--init", "scratch", "--out", "o", "--recipe", "base-policy"]
+    cfg = resolved_config(parse(train))
+    assert (cfg.train.objective, cfg.train.lr, cfg.train.warmup_steps, cfg.model.use_proprio) == ("bc", 3e-4, 50, True)
+    assert cfg.train.epochs == C.RECIPES["base-policy"]["train"]["epochs"]
+    (f := tmp_path / "t.yaml").write_text("train: {lr: 0.001, warmup_steps: 7}\n")
+    cfg = resolved_config(parse([*train, "--epochs", "3", "--config", str(f), "train.lr=0.002"]))
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.warmup_steps, cfg.train.objective) == (3, 0.002, 7, "bc")
+    cfg = load_config(parse(["dataset", "--demos", "d", "--out", "o", "--recipe", "base-policy"]), "dataset")
+    assert (cfg.data.batch_size, cfg.data.idle_threshold) == (64, 0.05)

@@ -149,11 +149,12 @@ def add_recipe_arg(p: argparse.ArgumentParser) -> None:
                         "learnability bar (docs/experiments/base_policy.md)")
 
 
-def load_config(args: argparse.Namespace, command: str) -> Any:
-    """The config of ``--config`` + overrides; a key of a section the command does not read is refused."""
+def load_config(args: argparse.Namespace, command: str, flag_overrides: tuple[str, ...] = ()) -> Any:
+    """The config of ``--recipe`` <- ``--config`` <- overrides <- the command's own flags (as ``key=value``); a key
+    of a section the command does not read is refused."""
     from apo_ray import config
 
-    return config.load(args.config, args.overrides, sections=args.config_sections, command=f"apo-ray {command}",
-                       recipe_name=getattr(args, "recipe", None))
+    return config.load(args.config, [*args.overrides, *flag_overrides], sections=args.config_sections,
+                       command=f"apo-ray {command}", recipe_name=getattr(args, "recipe", None))
 
 

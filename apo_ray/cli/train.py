@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from apo_ray.cli import add_config_args, add_recipe_arg
+
+if TYPE_CHECKING:
+    from apo_ray.config import Config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,11 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from apo_ray import config as C
-    from apo_ray import fsio
-    from apo_ray.cli import usage_error
-    from apo_ray.trainer import train
+def resolved_config(args: argparse.Namespace) -> Config:
+    """The flags folded into the overrides (a flag and a differing override of the same key are refused)."""
+    from apo_ray.cli import load_config, usage_error
 
     flags = {"objective": args.objective, "workers": args.workers, "zero_stage": args.zero, "epochs": args.epochs}
     given = {o.split("=", 1)[0].strip(): o.split("=", 1)[1].strip() for o in args.overrides if "=" in o}
@@ -39,8 +41,15 @@ def run(args: argparse.Namespace) -> int:
             flag = "--zero" if k == "zero_stage" else f"--{k}"
             raise usage_error(f"{flag} {v} conflicts with the override train.{k}={given[f'train.{k}']}",
                               "give the value once, either as the flag or as the override")
-    overrides = list(args.overrides) + [f"train.{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = C.load(args.config, overrides, sections=args.config_sections, command="apo-ray train")
+    return load_config(args, "train", tuple(f"train.{k}={v}" for k, v in flags.items() if v is not None))
+
+
+def run(args: argparse.Namespace) -> int:
+    from apo_ray import fsio
+    from apo_ray.cli import usage_error
+    from apo_ray.trainer import train
+
+    cfg = resolved_config(args)
     if cfg.train.workers < 1:
         raise usage_error("--workers must be at least 1")
     if cfg.train.epochs < 1 and not cfg.train.max_steps:
