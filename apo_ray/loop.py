@@ -173,7 +173,7 @@ def stage_deps(cfg: Config, st: Stage) -> list[str]:
 
 
 NO_OUTPUT_EFFECT = (*RESUMABLE_CONFIG_KEYS, "train.log_every", "train.mlflow_uri", "train.max_failures",
-                    "train.cpus_per_worker")
+                    "train.cpus_per_worker", "train.pass_cache_mb")
 """Keys that change how a stage runs or what it logs, never the data or weights it writes."""
 
 

@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -499,6 +500,37 @@ def _batch_arrays(b: dict) -> dict[str, np.ndarray]:
     return out
 
 
+class _Passes:
+    """A rank's batches, read through Ray Data one pass (``spec.schedules`` epochs) at a time. A pass that fits
+    ``budget_mb`` is kept and replayed for the later passes: the same batches in the same order, without
+    decoding the shards again."""
+
+    def __init__(self, shard: Any, rows: int, per_pass: int, budget_mb: int) -> None:
+        self.shard, self.rows, self.per_pass, self.budget = shard, rows, per_pass, budget_mb * 2**20
+        self.kept: list[dict] | None = None
+        self.reads = 0  # passes read from the shards by this worker
+
+    def start(self) -> Iterator[dict]:
+        return iter(self.kept) if self.kept is not None else self._read()
+
+    def _read(self) -> Iterator[dict]:
+        self.reads += 1
+        kept: list[dict] | None = []
+        size = 0
+        for raw in self.shard.iter_batches(batch_size=self.rows, batch_format="numpy", drop_last=True,
+                                           prefetch_batches=2):
+            b = _batch_arrays(raw)
+            if kept is not None:
+                size += sum(v.nbytes for v in b.values() if isinstance(v, np.ndarray))
+                if size > self.budget:
+                    kept = None
+                else:
+                    kept.append(b)
+                    if len(kept) == self.per_pass:
+                        self.kept = kept
+            yield b
+
+
 @dataclasses.dataclass
 class _Engine:
     """A worker's DeepSpeed engine and what scoring needs beside it."""
@@ -713,7 +745,8 @@ def _train_loop(config: dict) -> None:
                                                            "step_in_epoch": step_in_epoch, "coverage": seen.to_state()})
             ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    shard = ray.train.get_dataset_shard(f"rank{rank}")
+    passes = _Passes(ray.train.get_dataset_shard(f"rank{rank}"), t.grad_accum,
+                     spec.schedules * spec.steps_per_epoch, t.pass_cache_mb)
     stop, it, skip = False, None, pos.step_in_epoch
     epoch, step_in_epoch = pos.epoch, skip
     for epoch in range(pos.epoch, t.epochs):
@@ -721,18 +754,16 @@ def _train_loop(config: dict) -> None:
         # pass over it covers spec.schedules epochs, and training past the last schedule starts another pass.
         lead = 0
         if it is None or epoch % spec.schedules == 0:
-            it = iter(shard.iter_batches(batch_size=t.grad_accum, batch_format="numpy", drop_last=True,
-                                         prefetch_batches=2))
+            it = passes.start()
             lead = (epoch % spec.schedules) * spec.steps_per_epoch
         for _ in range(lead + skip):  # resumed: read past what the last checkpoint already trained on
             next(it)
         step_in_epoch = skip
         t0 = time.perf_counter()
         while step_in_epoch < spec.steps_per_epoch and pos.step < spec.total_steps:
-            raw = next(it, None)
-            if raw is None:
+            b = next(it, None)
+            if b is None:
                 raise RuntimeError(f"rank {rank}'s data ran out at epoch {epoch}, step {step_in_epoch}")
-            b = _batch_arrays(raw)
             s, own_scores, own = _score(eng, obj, b, spec)
             loss, m = obj.loss(s, params, kl_reduce)
             if not _all_finite(loss, world):
@@ -756,7 +787,8 @@ def _train_loop(config: dict) -> None:
     metrics.close()
     if not stop:
         epoch_done = step_in_epoch >= spec.steps_per_epoch
-        save({**metrics.summary(), "final": True}, epoch + (1 if epoch_done else 0), 0 if epoch_done else step_in_epoch)
+        save({**metrics.summary(), "final": True, "passes_read": passes.reads},
+             epoch + (1 if epoch_done else 0), 0 if epoch_done else step_in_epoch)
 
 
 def _all_finite(loss: Any, world: int) -> bool:
