@@ -508,6 +508,7 @@ class _Passes:
     def __init__(self, shard: Any, rows: int, per_pass: int, budget_mb: int) -> None:
         self.shard, self.rows, self.per_pass, self.budget = shard, rows, per_pass, budget_mb * 2**20
         self.kept: list[dict] | None = None
+        self.fits = budget_mb > 0  # False once a pass outgrew the budget: every pass has the same size
         self.reads = 0  # passes read from the shards by this worker
 
     def start(self) -> Iterator[dict]:
@@ -515,7 +516,7 @@ class _Passes:
 
     def _read(self) -> Iterator[dict]:
         self.reads += 1
-        kept: list[dict] | None = []
+        kept: list[dict] | None = [] if self.fits else None
         size = 0
         for raw in self.shard.iter_batches(batch_size=self.rows, batch_format="numpy", drop_last=True,
                                            prefetch_batches=2):
@@ -523,7 +524,7 @@ class _Passes:
             if kept is not None:
                 size += sum(v.nbytes for v in b.values() if isinstance(v, np.ndarray))
                 if size > self.budget:
-                    kept = None
+                    kept, self.fits = None, False
                 else:
                     kept.append(b)
                     if len(kept) == self.per_pass:
